@@ -1,0 +1,68 @@
+"""streamseg: stream image/mask pairs larger than memory into Keras segmentation training.
+
+Convert once (:func:`convert`), then stream forever (:class:`SegmentationDataset`).
+Importing ``streamseg`` does not import TensorFlow; the dataset classes load Keras on
+first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import (
+    CorruptChunkError,
+    IncompleteStoreError,
+    InputError,
+    LabelError,
+    OptionError,
+    SourceMismatchError,
+    StoreExistsError,
+    StoreNotFoundError,
+    StreamsegError,
+    UnreadableFileError,
+    WorkerDiedError,
+    WorkerError,
+)
+from .store import Store, open_store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Augment",
+    "CorruptChunkError",
+    "IncompleteStoreError",
+    "InputError",
+    "LabelError",
+    "OptionError",
+    "SegmentationDataset",
+    "SourceMismatchError",
+    "Store",
+    "StoreExistsError",
+    "StoreNotFoundError",
+    "StreamsegError",
+    "UnreadableFileError",
+    "WorkerDiedError",
+    "WorkerError",
+    "convert",
+    "open_store",
+    "split",
+    "synth_sample",
+    "__version__",
+]
+
+_LAZY = {
+    "Augment": ("augment", "Augment"),
+    "SegmentationDataset": ("dataset", "SegmentationDataset"),
+    "split": ("dataset", "split"),
+    "convert": ("converter", "convert"),
+    "synth_sample": ("synth", "synth_sample"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attr)
+    raise AttributeError(f"module 'streamseg' has no attribute {name!r}")

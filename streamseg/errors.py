@@ -1,0 +1,78 @@
+"""Exception hierarchy of streamseg.
+
+Every error raised on purpose by streamseg derives from :class:`StreamsegError`.
+Subclasses also inherit the matching builtin so that ``except FileNotFoundError``
+and friends keep working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "StreamsegError",
+    "StoreNotFoundError",
+    "IncompleteStoreError",
+    "StoreExistsError",
+    "CorruptChunkError",
+    "InputError",
+    "SourceMismatchError",
+    "UnreadableFileError",
+    "LabelError",
+    "OptionError",
+    "WorkerError",
+    "WorkerDiedError",
+    "truncate",
+]
+
+
+def truncate(value: object, limit: int = 120) -> str:
+    """Return ``repr(value)`` cut to ``limit`` characters, for ``Received: ...`` tails."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class StreamsegError(Exception):
+    """Base class of every error streamseg raises on purpose."""
+
+
+class StoreNotFoundError(StreamsegError, FileNotFoundError):
+    """The path does not hold a streamseg store."""
+
+
+class IncompleteStoreError(StreamsegError, RuntimeError):
+    """The store was not finished (conversion interrupted); resume or redo it."""
+
+
+class StoreExistsError(StreamsegError, FileExistsError):
+    """The destination exists and neither overwrite nor resume was asked for."""
+
+
+class CorruptChunkError(StreamsegError, OSError):
+    """A chunk could not be read or decoded, or its checksum does not match."""
+
+
+class InputError(StreamsegError, ValueError):
+    """The input data (folders, files, arrays) cannot be converted as given."""
+
+
+class SourceMismatchError(InputError):
+    """Images and masks do not pair up (missing partners, different sizes)."""
+
+
+class UnreadableFileError(InputError, OSError):
+    """A source file is missing, unreadable or not a decodable image."""
+
+
+class LabelError(StreamsegError, ValueError):
+    """Mask labels are invalid (float masks, too many labels, out of range)."""
+
+
+class OptionError(StreamsegError, ValueError):
+    """An option has an invalid name or value."""
+
+
+class WorkerError(StreamsegError, RuntimeError):
+    """A worker process or thread failed while producing a batch."""
+
+
+class WorkerDiedError(WorkerError):
+    """A worker process died (killed, out of memory, crashed) while busy."""

@@ -1,0 +1,303 @@
+"""Where conversion reads from: image/mask folders, NumPy arrays, or the synthetic set.
+
+Each source is a small picklable object with ``__len__``, ``name(i)`` and
+``load(i) -> (image, mask)`` returning raw arrays; :func:`prepare_pair` then checks
+them and brings them to the stored layout (channels, size, dtype).  Sources pickle as
+paths and options, so conversion workers reopen files themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError, LabelError, OptionError, SourceMismatchError, UnreadableFileError, truncate
+
+__all__ = ["IMAGE_EXTENSIONS", "FolderSource", "ArraySource", "SynthSource", "prepare_pair",
+           "open_array"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
+
+
+def _list_images(folder: Path) -> dict[str, Path]:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return {p.stem: p for p in files}
+
+
+def _first(items: list[str], k: int = 5) -> str:
+    shown = ", ".join(items[:k])
+    return shown + (f" (and {len(items) - k} more)" if len(items) > k else "")
+
+
+class FolderSource:
+    """Image/mask files paired by file stem.
+
+    Parameters
+    ----------
+    src : path
+        Folder holding ``images/`` and ``masks/`` (or give both folders explicitly).
+    images_dir, masks_dir : path, optional
+        Override the two folders.
+    mask_suffix : str
+        Suffix of mask stems, e.g. ``"_mask"`` for ``case1_mask.png``.
+    """
+
+    def __init__(self, src: str | os.PathLike | None, *, images_dir: str | os.PathLike | None = None,
+                 masks_dir: str | os.PathLike | None = None, mask_suffix: str = "") -> None:
+        base = Path(src) if src is not None else None
+        if base is not None and not base.exists():
+            raise UnreadableFileError(f"Source folder {base} does not exist; check the path.")
+        self.images_dir = Path(images_dir) if images_dir else (base / "images" if base else None)
+        self.masks_dir = Path(masks_dir) if masks_dir else (base / "masks" if base else None)
+        for label, d in (("images", self.images_dir), ("masks", self.masks_dir)):
+            if d is None or not d.is_dir():
+                raise UnreadableFileError(
+                    f"No {label} folder at {d}: SRC must contain images/ and masks/ "
+                    f"(or pass --{label}-dir)."
+                )
+        images = _list_images(self.images_dir)  # type: ignore[arg-type]
+        masks = _list_images(self.masks_dir)  # type: ignore[arg-type]
+        if mask_suffix:
+            masks = {(s[: -len(mask_suffix)] if s.endswith(mask_suffix) else s + "\0"): p
+                     for s, p in masks.items()}
+        if not images and not masks:
+            raise InputError(
+                f"No image files in {self.images_dir} or {self.masks_dir} "
+                f"(looked for {', '.join(IMAGE_EXTENSIONS)})."
+            )
+        lonely_images = sorted(set(images) - set(masks))
+        lonely_masks = sorted(s.rstrip("\0") for s in set(masks) - set(images))
+        if lonely_images:
+            hint = " (masks named like 'case_mask.png'? pass --mask-suffix _mask)" if not mask_suffix else ""
+            raise SourceMismatchError(
+                f"{len(lonely_images)} image(s) in {self.images_dir} have no mask in "
+                f"{self.masks_dir}: {_first([images[s].name for s in lonely_images])}{hint}."
+            )
+        if lonely_masks:
+            raise SourceMismatchError(
+                f"{len(lonely_masks)} mask(s) in {self.masks_dir} have no image in "
+                f"{self.images_dir}: {_first(lonely_masks)}."
+            )
+        self.stems = sorted(images)
+        self.image_files = [str(images[s]) for s in self.stems]
+        self.mask_files = [str(masks[s]) for s in self.stems]
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    def name(self, i: int) -> str:
+        return self.stems[i]
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "folder", "images_dir": str(self.images_dir), "masks_dir": str(self.masks_dir),
+                "count": len(self)}
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str, str]:
+        import cv2
+
+        out = []
+        for path in (self.image_files[i], self.mask_files[i]):
+            try:
+                arr = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+            except cv2.error as exc:  # pragma: no cover - depends on the codec
+                arr = None
+                reason = str(exc).strip().splitlines()[-1]
+            else:
+                reason = "not a readable image (corrupt, truncated or unsupported format)"
+            if arr is None:
+                raise UnreadableFileError(f"Cannot read {path}: {reason}. Fix or remove the pair.")
+            if arr.ndim == 3 and arr.shape[2] >= 3:  # OpenCV decodes colour as BGR(A)
+                arr = arr[..., 2::-1] if arr.shape[2] == 3 else arr[..., [2, 1, 0, 3]]
+            out.append(arr)
+        return out[0], out[1], self.image_files[i], self.mask_files[i]
+
+
+def open_array(path: str | os.PathLike, key: str | None = None) -> np.ndarray:
+    """Open a ``.npy`` file (or an uncompressed ``.npz`` member) through memory mapping."""
+    p = Path(path)
+    if not p.exists():
+        raise UnreadableFileError(f"Array file {p} does not exist; check the path.")
+    if p.suffix == ".npz":
+        with zipfile.ZipFile(p) as zf:
+            members = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+            if key is None:
+                raise OptionError(f"{p} is an .npz archive: name the array with --images-key/--masks-key "
+                                  f"(it holds: {', '.join(members)}). Received: key=None")
+            if key not in members:
+                raise OptionError(f"{p} has no array '{key}'. It holds: {', '.join(members)}. "
+                                  f"Received: {truncate(key)}")
+            info = zf.getinfo(key + ".npy")
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise InputError(f"Array '{key}' in {p} is compressed (np.savez_compressed) and cannot be "
+                                 "memory-mapped; re-save it with np.savez or np.save.")
+            with open(p, "rb") as fh:  # data starts after the local file header
+                fh.seek(info.header_offset)
+                header = fh.read(30)
+                name_len = int.from_bytes(header[26:28], "little")
+                extra_len = int.from_bytes(header[28:30], "little")
+                start = info.header_offset + 30 + name_len + extra_len
+                fh.seek(start)
+                version = np.lib.format.read_magic(fh)
+                shape, fortran, dtype = np.lib.format._read_array_header(fh, version)  # noqa: SLF001
+                offset = fh.tell()
+            return np.memmap(p, mode="r", dtype=dtype, shape=shape, offset=offset,
+                             order="F" if fortran else "C")
+    try:
+        return np.load(p, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        raise UnreadableFileError(f"Cannot read {p} as a NumPy array ({exc}).") from None
+
+
+class ArraySource:
+    """Image and mask arrays in ``.npy``/``.npz`` files, read through memory mapping."""
+
+    def __init__(self, images: str | os.PathLike, masks: str | os.PathLike, *,
+                 images_key: str | None = None, masks_key: str | None = None) -> None:
+        self.spec = (str(images), images_key, str(masks), masks_key)
+        img, msk = self._open()
+        if img.ndim not in (3, 4) or msk.ndim not in (3, 4):
+            raise InputError(f"Expected images (N, H, W[, C]) and masks (N, H, W[, 1]). "
+                             f"Received: images {img.shape} from {images}, masks {msk.shape} from {masks}")
+        if img.shape[0] != msk.shape[0]:
+            raise SourceMismatchError(f"{images} holds {img.shape[0]} images but {masks} holds "
+                                      f"{msk.shape[0]} masks; they must pair one to one.")
+        if img.shape[0] == 0:
+            raise InputError(f"{images} holds no samples.")
+        self.count = int(img.shape[0])
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
+
+    def _open(self) -> tuple[np.ndarray, np.ndarray]:
+        ip, ik, mp, mk = self.spec
+        return open_array(ip, ik), open_array(mp, mk)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"spec": self.spec, "count": self.count}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.spec, self.count, self._arrays = state["spec"], state["count"], None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def name(self, i: int) -> str:
+        return str(i)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "arrays", "images": self.spec[0], "images_key": self.spec[1],
+                "masks": self.spec[2], "masks_key": self.spec[3], "count": self.count}
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str, str]:
+        if self._arrays is None:
+            self._arrays = self._open()
+        img, msk = self._arrays
+        return np.asarray(img[i]), np.asarray(msk[i]), f"{self.spec[0]}[{i}]", f"{self.spec[2]}[{i}]"
+
+
+class SynthSource:
+    """The synthetic scan set of :mod:`streamseg.synth`, generated sample by sample."""
+
+    def __init__(self, count: int, *, size: tuple[int, int] = (256, 256), classes: int = 3,
+                 channels: int = 3, seed: int = 0, dtype: str = "uint8") -> None:
+        self.count, self.options = int(count), dict(size=tuple(size), classes=classes, channels=channels,
+                                                    seed=seed, dtype=dtype)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def name(self, i: int) -> str:
+        return f"case_{i:06d}"
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "synth", "count": self.count, **{k: list(v) if isinstance(v, tuple) else v
+                                                          for k, v in self.options.items()}}
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str, str]:
+        from .synth import synth_sample
+
+        image, mask = synth_sample(i, **self.options)
+        return image, mask, f"synth[{i}]", f"synth[{i}]"
+
+
+def _to_channels(image: np.ndarray, channels: int | None, where: str) -> np.ndarray:
+    import cv2
+
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[..., 0]
+    if image.ndim == 3 and image.shape[2] == 4:  # drop alpha
+        image = image[..., :3]
+    if image.ndim == 3 and image.shape[2] == 2:  # grey + alpha
+        image = image[..., 0]
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
+        raise InputError(f"Image {where} has shape {image.shape}; expected (H, W), (H, W, 3) or (H, W, 4).")
+    have = 1 if image.ndim == 2 else 3
+    if channels is None or channels == have:
+        return image[..., None] if have == 1 else image
+    if channels == 3:
+        return np.repeat(image[..., None], 3, axis=2)
+    return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)[..., None]
+
+
+def _to_mask(mask: np.ndarray, where: str) -> np.ndarray:
+    if mask.ndim == 3 and mask.shape[2] in (3, 4):
+        colour = mask[..., :3]
+        if not (np.array_equal(colour[..., 0], colour[..., 1]) and np.array_equal(colour[..., 0], colour[..., 2])):
+            raise LabelError(f"Mask {where} is a colour image with different channels (colour-coded "
+                             "labels?); save masks as single-channel label images (0, 1, 2, ...).")
+        mask = colour[..., 0]
+    if mask.ndim == 3 and mask.shape[2] == 1:
+        mask = mask[..., 0]
+    if mask.ndim != 2:
+        raise InputError(f"Mask {where} has shape {mask.shape}; expected (H, W) or (H, W, 1).")
+    if mask.dtype.kind == "f":
+        raise LabelError(f"Mask {where} holds floating-point values ({mask.dtype}); masks must hold "
+                         "integer labels: round or threshold them first.")
+    if mask.dtype.kind == "b":
+        mask = mask.astype(np.uint8)
+    if mask.dtype != np.uint8:
+        if mask.size and (mask.min() < 0 or mask.max() > 255):
+            raise LabelError(f"Mask {where} has label values outside 0..255 (min {int(mask.min())}, "
+                             f"max {int(mask.max())}); streamseg stores at most 256 labels as uint8.")
+        mask = mask.astype(np.uint8)
+    return mask
+
+
+def prepare_pair(image: np.ndarray, mask: np.ndarray, image_where: str, mask_where: str, *,
+                 size: tuple[int, int] | None, channels: int | None,
+                 image_dtype: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Check one raw pair and bring it to the stored layout.
+
+    Images: channel conversion, resize with area interpolation when shrinking and linear
+    when enlarging, optional 16-to-8-bit conversion.  Masks: integer labels in 0..255,
+    resized with nearest neighbour only, so no new label values appear.
+    """
+    import cv2
+
+    if image.dtype not in (np.uint8, np.uint16, np.float32):
+        if image.dtype.kind in "iu" and image.size and 0 <= image.min() and image.max() <= 65535:
+            image = image.astype(np.uint16 if image.max() > 255 else np.uint8)
+        elif image.dtype.kind == "f":
+            image = image.astype(np.float32)
+        else:
+            raise InputError(f"Image {image_where} has dtype {image.dtype}; expected uint8, uint16 or float.")
+    image = _to_channels(image, channels, image_where)
+    mask = _to_mask(mask, mask_where)
+    if size is None and image.shape[:2] != mask.shape[:2]:
+        raise SourceMismatchError(
+            f"Image {image_where} is {image.shape[1]}x{image.shape[0]} but its mask {mask_where} is "
+            f"{mask.shape[1]}x{mask.shape[0]}; fix the pair or pass --size H W to resize both."
+        )
+    if size is not None:
+        h, w = size
+        if image.shape[:2] != (h, w):
+            shrink = h <= image.shape[0] and w <= image.shape[1]
+            interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+            image = cv2.resize(image, (w, h), interpolation=interp).reshape(h, w, -1)
+        if mask.shape != (h, w):
+            mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+    if image_dtype == "uint8" and image.dtype == np.uint16:
+        image = ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    return np.ascontiguousarray(image), mask[..., None]

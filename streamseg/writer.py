@@ -1,0 +1,257 @@
+"""Write side of a store: chunk-by-chunk, crash-safe, resumable.
+
+A conversion first writes ``_plan.json`` (shapes, dtypes, parameters, sample names),
+then one chunk at a time.  After a chunk is on disk a line describing it (checksums,
+label counts, intensity sums) is appended to ``_progress.jsonl``.  ``manifest.json`` is
+written last, atomically, and only then does :func:`streamseg.open_store` accept the
+store.  A killed conversion leaves a plan and a progress log, so ``--resume`` rewrites
+only the chunks that have no progress line, and the result is byte-identical to an
+uninterrupted run because every statistic is an exact integer sum per chunk.
+
+Chunks are written by whichever process produced them (:class:`ChunkSink` pickles as
+its path), so conversion scales with worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import OptionError, StoreExistsError, truncate
+from .store import ARRAY_NAMES, FORMAT_VERSION, MANIFEST_NAME, PLAN_NAME, PROGRESS_NAME
+
+__all__ = ["ChunkSink", "chunk_record", "prepare_destination", "finalize_store", "COMPRESSORS",
+           "default_chunk_samples"]
+
+COMPRESSORS = ("zstd", "lz4", "none")
+FORMATS = ("zarr", "memmap")
+
+
+def default_chunk_samples(image_shape: tuple[int, int, int], itemsize: int, target_mb: float = 2.0) -> int:
+    """Samples per chunk so that one image chunk holds about ``target_mb`` MiB."""
+    sample_bytes = int(np.prod(image_shape)) * itemsize
+    return max(1, int(target_mb * 2**20 // sample_bytes))
+
+
+def _crc(buf: Any) -> int:
+    return zlib.crc32(memoryview(buf).cast("B"))
+
+
+def chunk_record(k: int, images: np.ndarray, masks: np.ndarray, names: list[str],
+                 crcs: dict[str, int]) -> dict[str, Any]:
+    """Exact per-chunk statistics: intensity sums per channel and label pixel counts."""
+    c = images.shape[-1]
+    sums, sqs = [], []
+    if images.dtype.kind == "u" and images.dtype.itemsize <= 2:
+        levels = np.arange(256 if images.dtype.itemsize == 1 else 65536, dtype=np.int64)
+        for ch in range(c):
+            hist = np.bincount(images[..., ch].ravel(), minlength=levels.size)
+            sums.append(int(hist @ levels))
+            sqs.append(int(hist @ (levels * levels)))
+    else:
+        flat = images.reshape(-1, c).astype(np.float64)
+        sums = [float(v) for v in flat.sum(axis=0)]
+        sqs = [float(v) for v in (flat * flat).sum(axis=0)]
+    counts = np.bincount(masks.ravel(), minlength=1)
+    labels = {str(v): int(n) for v, n in enumerate(counts) if n}
+    return {"chunk": k, "n": int(images.shape[0]), "crc": crcs, "sum": sums, "sumsq": sqs,
+            "labels": labels, "names": names}
+
+
+class ChunkSink:
+    """Writes chunks into a prepared destination; picklable (by path) for worker processes."""
+
+    def __init__(self, path: str | os.PathLike, plan: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.plan = plan
+        self._arrays: dict[str, Any] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": str(self.path), "plan": self.plan}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], state["plan"])  # type: ignore[misc]
+
+    def _open(self) -> dict[str, Any]:
+        if self._arrays is None:
+            if self.plan["backend"] == "memmap":
+                self._arrays = {n: np.load(self.path / f"{n}.npy", mmap_mode="r+") for n in ARRAY_NAMES}
+            else:
+                from .store import _ZarrChunkReader
+
+                self._arrays = {n: _ZarrChunkReader(self.path, n) for n in ARRAY_NAMES}
+        return self._arrays
+
+    def write(self, k: int, images: np.ndarray, masks: np.ndarray, names: list[str]) -> dict[str, Any]:
+        """Write chunk ``k`` and return its progress record (checksums and statistics)."""
+        arrays = self._open()
+        cs = self.plan["chunk_samples"]
+        start = k * cs
+        crcs: dict[str, int] = {}
+        for name, data in (("images", images), ("masks", masks)):
+            if self.plan["backend"] == "memmap":
+                mm = arrays[name]
+                mm[start : start + data.shape[0]] = data
+                mm.flush()
+                crcs[name] = _crc(np.ascontiguousarray(data))
+            else:
+                crcs[name] = self._write_zarr_chunk(arrays[name], k, data)
+        return chunk_record(k, images, masks, names, crcs)
+
+    def _write_zarr_chunk(self, reader: Any, k: int, data: np.ndarray) -> int:
+        full = np.zeros(reader.chunk_shape, reader.dtype)  # the last chunk is padded with fill 0
+        full[: data.shape[0]] = data
+        full = np.ascontiguousarray(full.astype(reader.dtype.newbyteorder("<"), copy=False))
+        raw = bytes(self._blosc_codec().encode(full)) if reader._blosc else full.tobytes()
+        path = reader.chunk_path(k)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(raw)
+        os.replace(tmp, path)
+        return zlib.crc32(raw)
+
+    def _blosc_codec(self) -> Any:
+        from numcodecs import Blosc
+
+        cname = self.plan["compressor"]
+        shuffle = Blosc.BITSHUFFLE if self.plan.get("shuffle") == "bitshuffle" else Blosc.SHUFFLE
+        return Blosc(cname=cname, clevel=self.plan.get("clevel", 3), shuffle=shuffle)
+
+
+def prepare_destination(dst: Path, plan: dict[str, Any], *, overwrite: bool, resume: bool) -> set[int]:
+    """Create (or reopen for resume) the store skeleton; return the chunks already done."""
+    if resume and dst.exists() and (dst / MANIFEST_NAME).exists():
+        raise StoreExistsError(f"{dst} is already a complete store; nothing to resume. "
+                               "Use --overwrite to convert again.")
+    if resume and (dst / PLAN_NAME).exists():
+        old = json.loads((dst / PLAN_NAME).read_text())
+        diffs = [k for k in set(old) | set(plan) if old.get(k) != plan.get(k)]
+        if diffs:
+            raise OptionError(
+                f"Cannot resume {dst}: it was started with different options or sources "
+                f"({', '.join(sorted(diffs)[:5])}). Re-run with the original options, or use "
+                f"--overwrite to start again. Received: {truncate({k: plan.get(k) for k in sorted(diffs)[:3]})}"
+            )
+        return _done_chunks(dst)
+    if dst.exists() and any(dst.iterdir()):
+        if not (overwrite or resume):
+            raise StoreExistsError(f"{dst} already exists; pass --overwrite to replace it "
+                                   "or --resume to finish an interrupted conversion.")
+        is_store = any((dst / n).exists() for n in (MANIFEST_NAME, PLAN_NAME))
+        if not is_store:
+            raise StoreExistsError(f"{dst} exists and is not a streamseg store; refusing to delete "
+                                   "it. Choose another destination.")
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    _create_arrays(dst, plan)
+    _atomic_write(dst / PLAN_NAME, json.dumps(plan))
+    return set()
+
+
+def _create_arrays(dst: Path, plan: dict[str, Any]) -> None:
+    n = plan["count"]
+    h, w, c = plan["image_shape"]
+    shapes = {"images": (n, h, w, c), "masks": (n, h, w, 1)}
+    dtypes = {"images": plan["image_dtype"], "masks": plan["mask_dtype"]}
+    if plan["backend"] == "memmap":
+        for name in ARRAY_NAMES:
+            mm = np.lib.format.open_memmap(dst / f"{name}.npy", mode="w+", dtype=dtypes[name],
+                                           shape=shapes[name])
+            del mm
+        return
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    group = zarr.open_group(dst, mode="w")
+    for name in ARRAY_NAMES:
+        compressors: Any = None
+        if plan["compressor"] != "none":
+            compressors = [BloscCodec(cname=plan["compressor"], clevel=plan.get("clevel", 3),
+                                      shuffle=plan.get("shuffle", "shuffle"))]
+        group.create_array(name, shape=shapes[name], chunks=(plan["chunk_samples"],) + shapes[name][1:],
+                           dtype=dtypes[name], compressors=compressors, fill_value=0,
+                           config={"write_empty_chunks": True})
+    group.attrs["streamseg"] = {"format_version": FORMAT_VERSION, "manifest": MANIFEST_NAME}
+
+
+def _done_chunks(dst: Path) -> set[int]:
+    return set(_read_progress(dst))
+
+
+def _read_progress(dst: Path) -> dict[int, dict[str, Any]]:
+    records: dict[int, dict[str, Any]] = {}
+    path = dst / PROGRESS_NAME
+    if not path.exists():
+        return records
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut short by a kill: that chunk is simply redone
+            continue
+        records[int(rec["chunk"])] = rec
+    return records
+
+
+def append_progress(dst: Path, record: dict[str, Any]) -> None:
+    """Record a finished chunk (one JSON line, flushed)."""
+    with open(dst / PROGRESS_NAME, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, separators=(",", ":")) + "\n")
+        fh.flush()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def finalize_store(dst: Path, plan: dict[str, Any]) -> dict[str, Any]:
+    """Combine the per-chunk records into the manifest and mark the store complete."""
+    records = _read_progress(dst)
+    missing = [k for k in range(plan["num_chunks"]) if k not in records]
+    if missing:
+        raise RuntimeError(f"chunks {missing[:5]} were not written")
+    ordered = [records[k] for k in range(plan["num_chunks"])]
+    h, w, c = plan["image_shape"]
+    npix = plan["count"] * h * w
+    sums = [sum(r["sum"][ch] for r in ordered) for ch in range(c)]
+    sqs = [sum(r["sumsq"][ch] for r in ordered) for ch in range(c)]
+    mean = [s / npix for s in sums]
+    std = [max(q / npix - m * m, 0.0) ** 0.5 for q, m in zip(sqs, mean)]
+    labels: dict[int, int] = {}
+    for r in ordered:
+        for v, cnt in r["labels"].items():
+            labels[int(v)] = labels.get(int(v), 0) + cnt
+    names = [name for r in ordered for name in r["names"]]
+    _atomic_write(dst / "sources.txt", "\n".join(names) + "\n")
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "backend": plan["backend"],
+        "complete": True,
+        "count": plan["count"],
+        "image_shape": plan["image_shape"],
+        "image_dtype": plan["image_dtype"],
+        "mask_shape": [h, w, 1],
+        "mask_dtype": plan["mask_dtype"],
+        "chunk_samples": plan["chunk_samples"],
+        "num_chunks": plan["num_chunks"],
+        "compressor": plan["compressor"] if plan["backend"] == "zarr" else "none",
+        "labels": {str(v): labels[v] for v in sorted(labels)},
+        "label_values": sorted(labels),
+        "image_mean": mean,
+        "image_std": std,
+        "sources": {"file": "sources.txt", "count": len(names), "first": names[:3]},
+        "params": plan["params"],
+        "checksums": {"algorithm": "crc32", "of": "chunk files" if plan["backend"] == "zarr" else "raw chunk bytes",
+                      "chunks": [r["crc"] for r in ordered]},
+    }
+    _atomic_write(dst / MANIFEST_NAME, json.dumps(manifest, indent=1))
+    for name in (PROGRESS_NAME, PLAN_NAME):
+        (dst / name).unlink(missing_ok=True)
+    return manifest
