@@ -142,7 +142,9 @@ def open_array(path: str | os.PathLike, key: str | None = None) -> np.ndarray:
                 start = info.header_offset + 30 + name_len + extra_len
                 fh.seek(start)
                 version = np.lib.format.read_magic(fh)
-                shape, fortran, dtype = np.lib.format._read_array_header(fh, version)  # noqa: SLF001
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(fh)
                 offset = fh.tell()
             return np.memmap(p, mode="r", dtype=dtype, shape=shape, offset=offset,
                              order="F" if fortran else "C")
