@@ -1,0 +1,390 @@
+"""``SegmentationDataset``: lazy, jointly augmented batches for ``model.fit``.
+
+The dataset is a ``keras.utils.PyDataset`` (Keras 3's ``Sequence``): ``len(ds)`` batches,
+``ds[i] -> (images, masks)``.  It is also a Keras data adapter, so ``model.fit(ds)`` hands
+iteration to streamseg instead of Keras's ``OrderedEnqueuer``: batches come in order from
+a warm worker pool that writes into shared memory (no per-epoch pool, no pickled
+batches, no hang when a worker dies), and the tf.data signature is known without reading
+a batch.  ``fit``'s ``shuffle`` and ``class_weight`` arguments are therefore ignored:
+shuffling is the dataset's own, per epoch.
+
+Randomness is a pure function of ``(seed, epoch, sample index)``; the epoch advances in
+:meth:`SegmentationDataset.on_epoch_end`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from .augment import Augment
+from .batches import (
+    MASK_MODES,
+    NORMALIZE_MODES,
+    SHUFFLE_MODES,
+    BatchOptions,
+    BatchProducer,
+    epoch_order,
+    validate_choice,
+)
+from .errors import LabelError, OptionError, truncate
+from .feeder import Feeder
+from .store import Store, open_store
+
+try:  # Keras 3
+    from keras.utils import PyDataset
+except ImportError:  # pragma: no cover - Keras 3 is a dependency
+    from keras.src.trainers.data_adapters.py_dataset_adapter import PyDataset
+
+try:  # a custom adapter is accepted by keras.src.trainers.data_adapters.get_data_adapter
+    from keras.src.trainers.data_adapters.data_adapter import DataAdapter as _DataAdapter
+except ImportError:  # pragma: no cover - fall back to the plain PyDataset protocol
+    _DataAdapter = object  # type: ignore[assignment,misc]
+
+__all__ = ["SegmentationDataset", "split"]
+
+_OPTIONS = ("indices", "shuffle", "seed", "augment", "mask_mode", "num_classes", "normalize",
+            "drop_remainder", "shard", "window_chunks", "workers", "use_multiprocessing",
+            "max_queue_size", "start_method", "keep_alive")
+
+
+def split(store: Store | str | os.PathLike, val_fraction: float = 0.2, seed: int = 0
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint train / validation sample indices.
+
+    Parameters
+    ----------
+    store : Store or path
+        The store (or its path) to split.
+    val_fraction : float
+        Share of samples for validation, in ``(0, 1)``.
+    seed : int
+        Seed of the random split.
+
+    Returns
+    -------
+    train, val : numpy.ndarray
+        Sorted int64 index arrays, disjoint, together covering every sample.
+    """
+    if not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
+        raise OptionError(f"val_fraction must be in (0, 1). Received: val_fraction={truncate(val_fraction)}")
+    n = len(store if isinstance(store, Store) else open_store(store))
+    n_val = min(n - 1, max(1, round(n * val_fraction)))
+    perm = np.random.default_rng([seed, 0x5B117]).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+class SegmentationDataset(PyDataset, _DataAdapter):  # type: ignore[misc,valid-type]
+    """Batches of ``(images, masks)`` read lazily from a store, augmented per sample.
+
+    Parameters
+    ----------
+    store : Store or path
+        A store from :func:`streamseg.open_store` / :meth:`Store.from_arrays`, or its path.
+    batch_size : int
+        Samples per batch.
+    indices : array-like of int, optional
+        Subset of samples (e.g. from :func:`split`); default all.
+    shuffle : {"window", "uniform", "none"} or bool
+        Per-epoch order.  True means ``"window"``: chunks in random order and samples mixed
+        within windows of ``window_chunks`` chunks, so a batch reads few chunks.
+        ``"uniform"`` is a true uniform shuffle (slower on zarr: every batch touches
+        ~batch_size chunks).  False / ``"none"`` keeps the given order.
+    seed : int
+        Seed of shuffling and augmentation.
+    augment : Augment, dict, str or None
+        Joint augmentation (an :class:`Augment`, its config, or a preset name).
+    mask_mode : {"sparse", "onehot", "binary"}
+        ``"sparse"``: int32 labels ``(B, H, W, 1)``; ``"onehot"``: float32 ``(B, H, W, K)``;
+        ``"binary"``: float32 ``(B, H, W, 1)`` with 1 where the label is non-zero.
+    num_classes : int, optional
+        Number of classes K (default: largest label in the manifest + 1).  Labels >= K
+        raise :class:`LabelError` naming the sample.
+    normalize : {"unit", "standardize", None}
+        ``"unit"`` scales by the dtype range (255 or 65535); ``"standardize"`` uses the
+        store's per-channel mean/std; None keeps stored values (as float32).
+    drop_remainder : bool
+        Drop the last partial batch.
+    shard : (index, count), optional
+        Read only every ``count``-th batch starting at ``index`` (disjoint shards).
+    window_chunks : int, optional
+        Window width for ``shuffle="window"`` (default: enough chunks for two batches).
+    workers : int
+        Worker processes (or threads) producing batches.
+    use_multiprocessing : bool
+        Processes with shared-memory handover instead of threads.
+    max_queue_size : int
+        Batches produced ahead.
+    start_method : {"fork", "forkserver", "spawn"} or None
+        Multiprocessing start method (default: the platform's).
+    keep_alive : float
+        Seconds workers stay up after an epoch with no new request (default 5).
+    """
+
+    def __init__(self, store: Store | str | os.PathLike, batch_size: int = 32, **options: Any) -> None:
+        unknown = sorted(set(options) - set(_OPTIONS))
+        if unknown:
+            raise OptionError(f"Unknown option(s) {', '.join(unknown)}. Valid options: batch_size, "
+                              f"{', '.join(_OPTIONS)}. Received: {truncate(unknown)}")
+        o = {"indices": None, "shuffle": True, "seed": 0, "augment": None, "mask_mode": "sparse",
+             "num_classes": None, "normalize": "unit", "drop_remainder": False, "shard": None,
+             "window_chunks": None, "workers": 1, "use_multiprocessing": False, "max_queue_size": 10,
+             "start_method": None, "keep_alive": 5.0, **options}
+        super().__init__(workers=o["workers"], use_multiprocessing=o["use_multiprocessing"],
+                         max_queue_size=o["max_queue_size"])
+        self.store = store if isinstance(store, Store) else open_store(store)
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise OptionError(f"batch_size must be a positive integer. Received: batch_size={truncate(batch_size)}")
+        self.batch_size_value = int(batch_size)
+        self._init_order(o)
+        self._init_batches(o)
+        self._init_workers(o)
+        self._epoch = 0
+        self._epoch_used = False
+        self._orders: dict[int, np.ndarray] = {}
+
+    # ------------------------------------------------------------------ construction helpers
+    def _init_order(self, o: dict[str, Any]) -> None:
+        n = len(self.store)
+        shuffle = o["shuffle"]
+        shuffle = {True: "window", False: "none"}.get(shuffle, shuffle) if isinstance(shuffle, bool) else shuffle
+        validate_choice("shuffle", shuffle, SHUFFLE_MODES + (True, False))
+        self.shuffle_mode: str = shuffle
+        if o["indices"] is None:
+            self.indices = np.arange(n, dtype=np.int64)
+        else:
+            idx = np.asarray(o["indices"])
+            if idx.ndim != 1 or idx.size == 0 or idx.dtype.kind not in "iu":
+                raise OptionError(f"indices must be a non-empty 1-D integer array. Received: {truncate(o['indices'])}")
+            if idx.min() < 0 or idx.max() >= n:
+                raise OptionError(f"indices must lie in [0, {n}) for this store. "
+                                  f"Received: min {int(idx.min())}, max {int(idx.max())}")
+            self.indices = idx.astype(np.int64)
+        if not isinstance(o["seed"], (int, np.integer)):
+            raise OptionError(f"seed must be an integer. Received: seed={truncate(o['seed'])}")
+        self.seed = int(o["seed"])
+        self.drop_remainder = bool(o["drop_remainder"])
+        shard = o["shard"]
+        if shard is not None and (len(shard) != 2 or not 0 <= shard[0] < shard[1]):
+            raise OptionError(f"shard must be (index, count) with 0 <= index < count. Received: shard={truncate(shard)}")
+        self.shard = tuple(shard) if shard is not None else None
+        cs = self.store.chunk_samples
+        self.window_chunks = int(o["window_chunks"] or max(1, -(-2 * self.batch_size_value // cs)))
+        full = self.indices.size // self.batch_size_value
+        total = full if self.drop_remainder else -(-self.indices.size // self.batch_size_value)
+        if total == 0:
+            raise OptionError(f"{self.indices.size} samples make no full batch of {self.batch_size_value} "
+                              "with drop_remainder=True. Received: drop_remainder=True")
+        self._batch_ids = np.arange(total)[shard[0]::shard[1]] if shard else np.arange(total)
+
+    def _init_batches(self, o: dict[str, Any]) -> None:
+        validate_choice("mask_mode", o["mask_mode"], MASK_MODES)
+        validate_choice("normalize", o["normalize"], NORMALIZE_MODES)
+        meta = self.store.meta
+        labels = [int(v) for v in meta.get("label_values", [])]
+        num_classes = o["num_classes"]
+        if num_classes is None:
+            num_classes = max(labels) + 1 if labels else 2
+            if o["mask_mode"] != "binary" and labels and num_classes > 2 * len(labels) and num_classes > 8:
+                raise LabelError(f"The store's labels are {labels}: sparse/onehot masks need labels 0..K-1. "
+                                 "Use mask_mode='binary' for 0/255 masks, or pass num_classes. "
+                                 f"Received: labels {truncate(labels)}")
+        if not isinstance(num_classes, (int, np.integer)) or num_classes < 1 or num_classes > 256:
+            raise OptionError(f"num_classes must be an integer in [1, 256]. Received: {truncate(num_classes)}")
+        augment = Augment.from_config(o["augment"])
+        if augment is not None and augment.is_identity:
+            augment = None
+        dtype = self.store.image_dtype
+        value_range = 65535.0 if dtype == np.uint16 else 255.0 if dtype == np.uint8 else 1.0
+        c = self.store.image_shape[2]
+        offset, scale = np.zeros(c, np.float32), np.ones(c, np.float32)
+        if o["normalize"] == "unit":
+            scale[:] = 1.0 / value_range
+        elif o["normalize"] == "standardize":
+            if "image_mean" not in meta:
+                raise OptionError("normalize='standardize' needs the store's statistics, which wrapped arrays "
+                                  "lack; convert the data or use normalize='unit'. Received: normalize='standardize'")
+            offset[:] = meta["image_mean"]
+            scale[:] = 1.0 / np.maximum(np.asarray(meta["image_std"], np.float32), 1e-6)
+        self.options = BatchOptions(seed=self.seed, augment=augment, mask_mode=o["mask_mode"],
+                                    num_classes=int(num_classes), normalize=o["normalize"],
+                                    image_offset=offset, image_scale=scale, value_range=value_range)
+        self.augment = augment
+        self.mask_mode = o["mask_mode"]
+        self.num_classes = int(num_classes)
+
+    def _init_workers(self, o: dict[str, Any]) -> None:
+        workers, mp_flag, queue = o["workers"], o["use_multiprocessing"], o["max_queue_size"]
+        if not isinstance(workers, (int, np.integer)) or workers < 0:
+            raise OptionError(f"workers must be a non-negative integer. Received: workers={truncate(workers)}")
+        if not isinstance(queue, (int, np.integer)) or queue < 1:
+            raise OptionError(f"max_queue_size must be a positive integer. Received: {truncate(queue)}")
+        validate_choice("start_method", o["start_method"], (None, "fork", "forkserver", "spawn"))
+        h, w, c = self.store.image_shape
+        b = self.batch_size_value
+        slots = {"images": ((b, h, w, c), np.dtype(np.float32)), "masks": self.options.mask_spec(b, h, w)}
+        self._feeder = Feeder(BatchProducer(self.store, self.options), slots, workers=int(workers),
+                              use_multiprocessing=bool(mp_flag), max_queue_size=int(queue),
+                              start_method=o["start_method"], keep_alive=float(o["keep_alive"]))
+
+    # ------------------------------------------------------------------ Sequence protocol
+    def __len__(self) -> int:
+        return int(self._batch_ids.size)
+
+    @property
+    def num_batches(self) -> int:
+        """Batches per epoch (Keras PyDataset / DataAdapter protocol)."""
+        return len(self)
+
+    @property
+    def epoch(self) -> int:
+        """Current epoch (advanced by :meth:`on_epoch_end`)."""
+        return self._epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch = int(value)
+        self._epoch_used = False
+
+    def epoch_indices(self, epoch: int | None = None) -> np.ndarray:
+        """Sample order of an epoch (all batches, before sharding)."""
+        epoch = self._epoch if epoch is None else epoch
+        if epoch not in self._orders:
+            if len(self._orders) > 4:
+                self._orders.clear()
+            self._orders[epoch] = epoch_order(self.indices, seed=self.seed, epoch=epoch, mode=self.shuffle_mode,
+                                              chunk_samples=self.store.chunk_samples,
+                                              window_chunks=self.window_chunks)
+        return self._orders[epoch]
+
+    def batch_indices(self, i: int, epoch: int | None = None) -> np.ndarray:
+        """Store indices of the samples in batch ``i`` of an epoch."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"Batch index {i} is out of range for {len(self)} batches.")
+        b = int(self._batch_ids[i])
+        return self.epoch_indices(epoch)[b * self.batch_size_value : (b + 1) * self.batch_size_value]
+
+    def _task(self, epoch: int, i: int) -> tuple[tuple[int, int], tuple[int, np.ndarray]]:
+        return (epoch, i), (epoch, self.batch_indices(i, epoch))
+
+    def _fetch(self, epoch: int, i: int, upcoming: range) -> tuple[np.ndarray, np.ndarray]:
+        if epoch == self._epoch:
+            self._epoch_used = True
+        key, task = self._task(epoch, i)
+        out = self._feeder.fetch(key, task, (self._task(epoch, j) for j in upcoming))
+        return out["images"], out["masks"]
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        return self._fetch(self._epoch, i, range(i + 1, len(self)))
+
+    def __iter__(self) -> Any:
+        """One epoch of batches, in order."""
+        epoch = self._epoch
+        try:
+            for i in range(len(self)):
+                yield self._fetch(epoch, i, range(i + 1, len(self)))
+        finally:
+            self._feeder.epoch_finished()
+
+    def on_epoch_begin(self) -> None:
+        """Nothing changes here: Keras 3.15 starts its pool before calling it."""
+
+    def on_epoch_end(self) -> None:
+        """Advance the epoch: the next epoch has a new order and new transforms.
+
+        Only an epoch from which at least one batch was read advances: Keras calls
+        ``on_epoch_end`` once before the first epoch of ``fit`` too.
+        """
+        if self._epoch_used:
+            self._epoch += 1
+            self._epoch_used = False
+        self._feeder.epoch_finished()
+
+    def close(self) -> None:
+        """Stop worker processes and free shared memory now."""
+        self._feeder.close()
+
+    def __enter__(self) -> "SegmentationDataset":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        feeder = self.__dict__.get("_feeder")
+        if feeder is not None:
+            feeder.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_feeder"] = None  # workers belong to the process that made them
+        state["_orders"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_workers({"workers": self._workers, "use_multiprocessing": self._use_multiprocessing,
+                            "max_queue_size": self._max_queue_size, "start_method": None, "keep_alive": 5.0})
+
+    def __repr__(self) -> str:
+        return (f"SegmentationDataset({self.store!r}, batch_size={self.batch_size_value}, batches={len(self)}, "
+                f"shuffle={self.shuffle_mode!r}, mask_mode={self.mask_mode!r}, workers={self.workers}, "
+                f"use_multiprocessing={self.use_multiprocessing})")
+
+    # ------------------------------------------------------------------ Keras data adapter protocol
+    def element_spec(self) -> tuple[Any, Any]:
+        """``tf.TensorSpec`` pair of one batch (batch dimension unknown)."""
+        import tensorflow as tf
+
+        h, w, c = self.store.image_shape
+        shape, dtype = self.options.mask_spec(self.batch_size_value, h, w)
+        return (tf.TensorSpec((None, h, w, c), tf.float32),
+                tf.TensorSpec((None,) + shape[1:], tf.as_dtype(dtype)))
+
+    def get_numpy_iterator(self) -> Any:
+        """Iterator over one epoch of NumPy batches."""
+        return iter(self)
+
+    def get_jax_iterator(self) -> Any:
+        """Iterator over one epoch (NumPy arrays, which JAX accepts)."""
+        return iter(self)
+
+    def get_torch_dataloader(self) -> Any:
+        """One epoch wrapped for the torch backend."""
+        from keras.src.trainers.data_adapters import data_adapter_utils
+
+        return data_adapter_utils.get_torch_dataloader(iter(self))
+
+    def get_tf_dataset(self) -> Any:
+        """A ``tf.data.Dataset`` over one epoch per iteration (epoch taken when it starts)."""
+        import tensorflow as tf
+
+        ds = tf.data.Dataset.from_generator(lambda: iter(self), output_signature=self.element_spec())
+        return ds.prefetch(2)
+
+    def to_tf_dataset(self) -> Any:
+        """A prefetching ``tf.data.Dataset`` yielding this dataset's batches, one epoch per pass.
+
+        Call :meth:`on_epoch_end` between passes to advance shuffling and augmentation.
+        """
+        return self.get_tf_dataset()
+
+    @property
+    def batch_size(self) -> int:
+        """Samples per batch."""
+        return self.batch_size_value
+
+    @property
+    def has_partial_batch(self) -> bool:
+        """Whether the last batch is smaller than ``batch_size``."""
+        return not self.drop_remainder and self.indices.size % self.batch_size_value != 0
+
+    @property
+    def partial_batch_size(self) -> int | None:
+        """Size of the last batch when partial."""
+        return self.indices.size % self.batch_size_value if self.has_partial_batch else None

@@ -1,0 +1,144 @@
+"""Main-process side of batch production: inline, threads, or a warm process pool.
+
+The :class:`Feeder` owns at most one :class:`~streamseg.pool.BatchPool` and keeps it
+across epochs.  Each request names the batch it wants plus the batches likely to follow,
+which are submitted ahead (up to ``max_queue_size``).  Guesses that turn out wrong are
+dropped.  The pool is shut down by :meth:`Feeder.close`, or ``keep_alive`` seconds after
+the end of an epoch when no new batch is asked for (Keras gives a dataset no signal at
+the end of ``fit``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Hashable, Iterable
+from typing import Any
+
+import numpy as np
+
+from .pool import BatchPool
+
+__all__ = ["Feeder"]
+
+
+class Feeder:
+    """Produce batches through a producer, possibly in worker processes or threads.
+
+    Parameters
+    ----------
+    producer : BatchProducer-like
+        Picklable object with ``setup()`` and ``produce(task, out) -> n``.
+    slots : dict
+        ``name -> (shape, dtype)`` of one batch (shape includes the batch dimension).
+    workers : int
+        Worker count; ``workers <= 1`` without multiprocessing produces inline.
+    use_multiprocessing : bool
+        Processes (shared-memory handover) instead of threads.
+    max_queue_size : int
+        Batches produced ahead of the one asked for.
+    start_method : str or None
+        ``"fork"``, ``"forkserver"``, ``"spawn"`` or None for the platform default.
+    keep_alive : float
+        Seconds the pool stays up after an epoch ends without a new request.
+    """
+
+    def __init__(self, producer: Any, slots: dict[str, tuple[tuple[int, ...], np.dtype]], *,
+                 workers: int, use_multiprocessing: bool, max_queue_size: int,
+                 start_method: str | None, keep_alive: float) -> None:
+        self.producer = producer
+        self.slots = slots
+        self.workers = workers
+        self.use_multiprocessing = use_multiprocessing
+        self.ahead = max(1, max_queue_size)
+        self.start_method = start_method
+        self.keep_alive = keep_alive
+        self._pool: BatchPool | None = None
+        self._lock = threading.RLock()
+        self._timer: threading.Timer | None = None
+        self._inline_ready = False
+
+    @property
+    def inline(self) -> bool:
+        """True when batches are produced in the calling thread."""
+        return self.workers <= 1 and not self.use_multiprocessing
+
+    @property
+    def pool(self) -> BatchPool | None:
+        """The live pool, if any."""
+        return self._pool
+
+    def _produce_inline(self, task: Any) -> dict[str, np.ndarray]:
+        if not self._inline_ready:
+            self.producer.setup()
+            self._inline_ready = True
+        out = {name: np.empty(shape, dtype) for name, (shape, dtype) in self.slots.items()}
+        n = self.producer.produce(task, out)
+        return {name: arr[:n] for name, arr in out.items()}
+
+    def _ensure_pool(self) -> BatchPool:
+        if self._pool is None or self._pool.closed:
+            self._pool = BatchPool(self.producer, self.slots, workers=max(1, self.workers),
+                                   use_processes=self.use_multiprocessing,
+                                   num_slots=self.ahead + 1, start_method=self.start_method)
+        return self._pool
+
+    def fetch(self, key: Hashable, task: Any, upcoming: Iterable[tuple[Hashable, Any]] = ()) -> dict[str, np.ndarray]:
+        """Return the batch ``key`` (computing ``task``), scheduling ``upcoming`` ahead.
+
+        Parameters
+        ----------
+        key : hashable
+            Identity of the batch, e.g. ``(epoch, index)``.
+        task : object
+            What the producer needs to build it.
+        upcoming : iterable of (key, task)
+            Batches likely to be asked for next, in order.
+        """
+        if self.inline:
+            return self._produce_inline(task)
+        with self._lock:
+            self._cancel_timer()
+            pool = self._ensure_pool()
+            wanted: list[tuple[Hashable, Any]] = [(key, task)]
+            for item in upcoming:
+                if len(wanted) >= self.ahead:
+                    break
+                wanted.append(item)
+            wanted_keys = {k for k, _ in wanted}
+            for stale in pool.pending() - wanted_keys:
+                pool.discard(stale)
+            pending = pool.pending()
+            for k, t in wanted:
+                if k not in pending:
+                    pool.submit(k, t)
+        try:
+            return pool.result(key)
+        except BaseException:
+            self.close()
+            raise
+
+    def epoch_finished(self) -> None:
+        """Drop work ahead and close the pool after ``keep_alive`` seconds of silence."""
+        with self._lock:
+            if self._pool is not None and not self._pool.closed:
+                self._pool.discard_all()
+                self._cancel_timer()
+                if self.keep_alive <= 0:
+                    self.close()
+                else:
+                    self._timer = threading.Timer(self.keep_alive, self.close)
+                    self._timer.daemon = True
+                    self._timer.start()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def close(self) -> None:
+        """Stop the workers and free shared memory now (idempotent)."""
+        with self._lock:
+            self._cancel_timer()
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None

@@ -1,0 +1,196 @@
+"""SegmentationDataset: order, pairing, determinism across workers, augmentation, modes."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from streamseg import Augment, LabelError, OptionError, SegmentationDataset, Store, convert, split
+
+N = 45
+
+
+@pytest.fixture
+def labelled_store(tmp_path, backend):
+    """Mask of sample i is filled with label i; image pixel (0,0,0) holds i too."""
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (N, 24, 24, 3), dtype=np.uint8)
+    images[:, 0, 0, 0] = np.arange(N)
+    masks = np.repeat(np.arange(N, dtype=np.uint8), 24 * 24).reshape(N, 24, 24)
+    np.save(tmp_path / "x.npy", images)
+    np.save(tmp_path / "y.npy", masks)
+    store = convert(images=tmp_path / "x.npy", masks=tmp_path / "y.npy", dst=tmp_path / "s", format=backend,
+                    chunk_samples=4, progress=False)
+    return store, images
+
+
+def collect(ds, order=None):
+    order = range(len(ds)) if order is None else order
+    got = {i: ds[i] for i in order}
+    return [got[i] for i in range(len(ds))]
+
+
+def test_order_coverage_and_pairing(labelled_store):
+    store, images = labelled_store
+    ds = SegmentationDataset(store, 8, shuffle=False, num_classes=256)
+    batches = collect(ds)
+    masks = np.concatenate([m for _, m in batches])
+    imgs = np.concatenate([i for i, _ in batches])
+    assert len(ds) == 6 and masks.shape == (N, 24, 24, 1) and masks.dtype == np.int32
+    np.testing.assert_array_equal(masks[:, 0, 0, 0], np.arange(N))  # order and coverage
+    np.testing.assert_array_equal(np.round(imgs[:, 0, 0, 0] * 255), np.arange(N))  # pairing
+    np.testing.assert_allclose(imgs, images / np.float32(255), rtol=1e-6)
+    assert (masks == masks[:, :1, :1]).all()
+
+
+@pytest.mark.parametrize("shuffle", ["window", "uniform"])
+def test_shuffled_epochs_are_permutations_that_change(labelled_store, shuffle):
+    store, _ = labelled_store
+    ds = SegmentationDataset(store, 8, shuffle=shuffle, num_classes=256, seed=3)
+    first = np.concatenate([m[:, 0, 0, 0] for _, m in collect(ds)])
+    imgs = np.concatenate([i[:, 0, 0, 0] for i, _ in collect(ds)])
+    np.testing.assert_array_equal(np.sort(first), np.arange(N))
+    np.testing.assert_array_equal(np.round(imgs * 255), first)
+    np.testing.assert_array_equal(first, ds.epoch_indices())
+    ds.on_epoch_end()
+    second = np.concatenate([m[:, 0, 0, 0] for _, m in collect(ds)])
+    np.testing.assert_array_equal(np.sort(second), np.arange(N))
+    assert not np.array_equal(first, second)
+    again = SegmentationDataset(store, 8, shuffle=shuffle, num_classes=256, seed=3)
+    np.testing.assert_array_equal(first, again.epoch_indices(0))
+
+
+def test_window_shuffle_touches_few_chunks(labelled_store):
+    store, _ = labelled_store
+    ds = SegmentationDataset(store, 8, shuffle="window", num_classes=256, window_chunks=2)
+    order = ds.epoch_indices()
+    for b in range(len(ds)):
+        assert len(np.unique(order[b * 8 : (b + 1) * 8] // 4)) <= 4
+
+
+CONFIGS = [(1, False, None), (2, False, None), (2, True, "fork"), (2, True, "forkserver"), (2, True, "spawn")]
+
+
+@pytest.mark.parametrize("workers, mp, method", CONFIGS)
+def test_identical_batches_whatever_the_workers(labelled_store, workers, mp, method):
+    store, _ = labelled_store
+    kw = dict(augment="heavy", num_classes=256, seed=5)
+    reference = collect(SegmentationDataset(store, 8, **kw))
+    ds = SegmentationDataset(store, 8, workers=workers, use_multiprocessing=mp, start_method=method, **kw)
+    with ds:
+        ds[0]  # the main process reads the store before workers start
+        shuffled = collect(ds, order=[3, 0, 5, 1, 4, 2])
+        in_order = list(ds)
+    for (ri, rm), (si, sm), (oi, om) in zip(reference, shuffled, in_order):
+        np.testing.assert_array_equal(ri, si)
+        np.testing.assert_array_equal(rm, sm)
+        np.testing.assert_array_equal(ri, oi)
+        np.testing.assert_array_equal(rm, om)
+
+
+def test_transforms_differ_per_sample_and_epoch(tmp_path):
+    images = np.repeat(np.linspace(0, 255, 32 * 32, dtype=np.uint8).reshape(1, 32, 32, 1), 8, axis=0)
+    masks = np.zeros((8, 32, 32), np.uint8)
+    masks[:, 4:12, 4:20] = 1
+    store = Store.from_arrays(images, masks)
+    aug = Augment(hflip=0.5, vflip=0.5, rotate=30, scale=(0.8, 1.2))
+    ds = SegmentationDataset(store, 8, augment=aug, shuffle=False)
+    imgs, msks = ds[0]
+    distinct = {imgs[j].tobytes() for j in range(8)}
+    assert len(distinct) >= 6  # one transform per sample, not per batch
+    ds.on_epoch_end()
+    imgs2, _ = ds[0]
+    assert not np.array_equal(imgs, imgs2)
+    assert set(np.unique(msks)) <= {0, 1}
+
+
+def test_alignment_oracle_after_heavy_augmentation(tmp_path):
+    rng = np.random.default_rng(0)
+    masks = np.zeros((12, 64, 64), np.uint8)
+    for m in masks:
+        for label in (1, 2, 3):
+            y, x = rng.integers(4, 44, 2)
+            m[y : y + 16, x : x + 14] = label
+    images = np.clip(masks[..., None] * 60 + rng.normal(0, 3, (12, 64, 64, 3)), 0, 255).astype(np.uint8)
+    geometric = Augment(hflip=0.5, vflip=0.5, rot90=0.5, rotate=40, scale=(0.7, 1.3), translate=0.1,
+                        shear=10, elastic=0.5)
+    ds = SegmentationDataset(Store.from_arrays(images, masks), 12, augment=geometric, num_classes=4,
+                             normalize=None, shuffle=False)
+    imgs, msks = ds[0]
+    predicted = np.clip(np.round(imgs[..., 0] / 60), 0, 3)
+    agreement = (predicted == msks[..., 0]).mean()
+    assert agreement >= 0.97
+    assert not np.array_equal(msks[..., 0], masks)  # the augmentation did move things
+
+
+def test_validation_data_is_untouched(labelled_store):
+    store, images = labelled_store
+    train_idx, val_idx = split(store, 0.2, seed=1)
+    assert set(train_idx).isdisjoint(val_idx) and len(train_idx) + len(val_idx) == N
+    val = SegmentationDataset(store, 4, indices=val_idx, shuffle=False, num_classes=256)
+    got = np.concatenate([i for i, _ in collect(val)])
+    np.testing.assert_allclose(got, images[val_idx] / np.float32(255), rtol=1e-6)
+
+
+def test_mask_modes_and_normalisation(tmp_path):
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+    masks = rng.integers(0, 3, (10, 8, 8), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", images)
+    np.save(tmp_path / "y.npy", masks)
+    store = convert(images=tmp_path / "x.npy", masks=tmp_path / "y.npy", dst=tmp_path / "s", progress=False)
+    onehot = SegmentationDataset(store, 10, mask_mode="onehot", shuffle=False)[0][1]
+    assert onehot.shape == (10, 8, 8, 3) and onehot.dtype == np.float32
+    np.testing.assert_array_equal(onehot.argmax(-1), masks)
+    binary = SegmentationDataset(store, 10, mask_mode="binary", shuffle=False)[0][1]
+    np.testing.assert_array_equal(binary[..., 0], (masks > 0).astype(np.float32))
+    std = SegmentationDataset(store, 10, normalize="standardize", shuffle=False)[0][0]
+    np.testing.assert_allclose(std.reshape(-1, 3).mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(std.reshape(-1, 3).std(0), 1, atol=1e-4)
+    raw = SegmentationDataset(store, 10, normalize=None, shuffle=False)[0][0]
+    np.testing.assert_array_equal(raw, images.astype(np.float32))
+
+
+def test_label_outside_num_classes_names_the_sample(labelled_store):
+    store, _ = labelled_store
+    ds = SegmentationDataset(store, 8, shuffle=False, num_classes=10)
+    ds[0]
+    with pytest.raises(LabelError, match=r"Sample 10 \('10'\) of store .*s has label 10"):
+        ds[1]
+
+
+def test_options_are_validated():
+    store = Store.from_arrays(np.zeros((4, 8, 8, 1), np.uint8), np.zeros((4, 8, 8), np.uint8))
+    with pytest.raises(OptionError, match="Valid options: batch_size, indices, shuffle"):
+        SegmentationDataset(store, 2, shufle=True)
+    with pytest.raises(OptionError, match="Received: mask_mode='dense'"):
+        SegmentationDataset(store, 2, mask_mode="dense")
+    with pytest.raises(OptionError, match="batch_size"):
+        SegmentationDataset(store, 0)
+    with pytest.raises(OptionError, match="indices must lie"):
+        SegmentationDataset(store, 2, indices=[0, 9])
+    with pytest.raises(OptionError):
+        Augment(rotate=-5)
+
+
+def test_shards_are_disjoint_and_cover(labelled_store):
+    store, _ = labelled_store
+    seen = []
+    for k in range(3):
+        ds = SegmentationDataset(store, 4, shard=(k, 3), num_classes=256, seed=9)
+        seen.append(np.concatenate([m[:, 0, 0, 0] for _, m in collect(ds)]))
+    allseen = np.concatenate(seen)
+    np.testing.assert_array_equal(np.sort(allseen), np.arange(N))
+
+
+def test_dataset_pickles_as_options(labelled_store):
+    store, _ = labelled_store
+    ds = SegmentationDataset(store, 8, augment="standard", num_classes=256, workers=2)
+    first = ds[2]
+    blob = pickle.dumps(ds)
+    assert len(blob) < 20_000
+    again = pickle.loads(blob)
+    np.testing.assert_array_equal(again[2][0], first[0])
+    ds.close()

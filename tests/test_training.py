@@ -1,0 +1,99 @@
+"""model.fit end to end with worker processes: loss, cleanup, errors reaching fit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from streamseg import LabelError, SegmentationDataset, WorkerDiedError, convert, split
+
+pytestmark = pytest.mark.slow
+
+
+def worker_children() -> list[psutil.Process]:
+    """Children of this process, apart from multiprocessing's resource tracker."""
+    out = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "resource_tracker" not in " ".join(child.cmdline()):
+                out.append(child)
+        except psutil.Error:
+            continue
+    return out
+
+
+def wait_no_workers(timeout: float = 15.0) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout
+    while worker_children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return worker_children()
+
+
+@pytest.fixture(scope="module")
+def synth_store(tmp_path_factory):
+    from streamseg.converter import convert_source
+    from streamseg.sources import SynthSource
+
+    dst = tmp_path_factory.mktemp("fit") / "s.zarr"
+    return convert_source(SynthSource(48, size=(32, 32), classes=3), dst, chunk_samples=4, progress=False)
+
+
+def test_fit_two_epochs_with_worker_processes(synth_store):
+    from streamseg.models import small_unet
+
+    train_idx, val_idx = split(synth_store, 0.25)
+    train = SegmentationDataset(synth_store, 8, indices=train_idx, augment="standard", workers=2,
+                                use_multiprocessing=True, keep_alive=0.5)
+    val = SegmentationDataset(synth_store, 8, indices=val_idx, shuffle=False)
+    model = small_unet((32, 32, 3), train.num_classes, base_filters=4)
+    history = model.fit(train, validation_data=val, epochs=2, verbose=0)
+    assert len(history.history["loss"]) == 2
+    assert np.isfinite(history.history["loss"]).all() and np.isfinite(history.history["val_loss"]).all()
+    assert train.epoch == 2  # one advance per epoch actually read
+    assert wait_no_workers() == []
+    train.close()
+
+
+def test_worker_exception_reaches_fit(tmp_path):
+    from streamseg.models import small_unet
+
+    images = np.zeros((16, 16, 16, 3), np.uint8)
+    masks = np.zeros((16, 16, 16), np.uint8)
+    masks[13] = 7  # a bad label in the last batch
+    np.save(tmp_path / "x.npy", images)
+    np.save(tmp_path / "y.npy", masks)
+    store = convert(images=tmp_path / "x.npy", masks=tmp_path / "y.npy", dst=tmp_path / "bad", progress=False)
+    ds = SegmentationDataset(store, 4, shuffle=False, num_classes=3, workers=2, use_multiprocessing=True)
+    model = small_unet((16, 16, 3), 3, base_filters=4)
+    with pytest.raises(Exception, match=r"Sample 13 .* of store .*bad has label 7") as info:
+        model.fit(ds, epochs=1, verbose=0)
+    assert "LabelError" in str(info.value) or isinstance(info.value, LabelError)
+    ds.close()
+    assert wait_no_workers() == []
+
+
+def test_dead_worker_raises_quickly(synth_store):
+    ds = SegmentationDataset(synth_store, 4, augment="heavy", workers=2, use_multiprocessing=True)
+    ds[0]
+    victim = ds._feeder.pool.pids[0]
+    os.kill(victim, signal.SIGKILL)
+    with pytest.raises(WorkerDiedError, match=f"{victim}.*SIGKILL"):
+        for i in range(1, len(ds)):
+            ds[i]
+    assert wait_no_workers(5) == []
+    ds.close()
+
+
+def test_to_tf_dataset_matches_getitem(synth_store):
+    ds = SegmentationDataset(synth_store, 8, augment="light", seed=2)
+    expected = [ds[i] for i in range(len(ds))]
+    got = list(ds.to_tf_dataset().as_numpy_iterator())
+    assert len(got) == len(expected)
+    for (ei, em), (gi, gm) in zip(expected, got):
+        np.testing.assert_array_equal(ei, gi)
+        np.testing.assert_array_equal(em, gm)
