@@ -50,6 +50,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 """Named configurations accepted by :meth:`Augment.preset` (name -> options)."""
 
+_PHOTO = ("brightness", "contrast", "gamma", "blur", "noise")  # photometric params
 _CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)   # aspect-ratio jitter of the random resized crop
 _N_DRAWS = 24                          # uniforms drawn per sample (fixed slots)
 
@@ -164,6 +165,9 @@ class Augment:
     image of the input's shape and scale, and a mask of the input's shape and
     dtype whose labels are a subset of the input labels and ``fill_label``.
     Photometric results are clipped to ``[0, value_range]`` for integer images.
+    Pure flips / 90-degree turns reproduce ``np.flip`` / ``np.rot90`` exactly.
+    Integer images are warped in their own dtype (interpolated values rounded to
+    integers; less memory traffic) unless ``fill_value`` does not fit it.
     """
 
     def __init__(self, *, hflip: float = 0.0, vflip: float = 0.0, rot90: float = 0.0,
@@ -207,9 +211,7 @@ class Augment:
         return {name: getattr(self, name) for name in _DEFAULTS}
 
     def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Augment):
-            return NotImplemented
-        return self.get_config() == other.get_config()
+        return self.get_config() == other.get_config() if isinstance(other, Augment) else NotImplemented
 
     __hash__ = None  # type: ignore[assignment]  # attributes are plain and mutable
 
@@ -255,10 +257,8 @@ class Augment:
             raise OptionError(f"Expected shape to be (H, W) with positive ints. Received: {truncate(shape)}")
         h, w = int(shape[0]), int(shape[1])
         p: dict[str, Any] = {"shape": (h, w), "matrix": None, "elastic": None, "hflip": False,
-                             "vflip": False, "rot90": 0, "angle": 0.0, "zoom": 1.0,
-                             "shear": (0.0, 0.0), "translate": (0.0, 0.0), "crop": None,
-                             "brightness": None, "contrast": None, "gamma": None,
-                             "blur": None, "noise": None}
+                             "vflip": False, "rot90": 0, "angle": 0.0, "zoom": 1.0, "shear": (0.0, 0.0),
+                             "translate": (0.0, 0.0), "crop": None, **dict.fromkeys(_PHOTO)}
         if self.is_identity:
             return p
         u = rng.random(_N_DRAWS).tolist()
@@ -339,11 +339,14 @@ class Augment:
             raise InputError(f"params were sampled for shape {tuple(params['shape'])} but the image "
                              f"has shape {image.shape[:2]}. Received: {truncate(image.shape)}")
         vr = _value_range(image.dtype, value_range)
-        if params["matrix"] is not None or params["elastic"] is not None:
-            img, mask = self._warp(np.ascontiguousarray(image), mask, params["matrix"], params["elastic"])
-            img = img.astype(np.float32, copy=False)
-        else:
+        if params["matrix"] is None and params["elastic"] is None:  # fast path: exact copies
             img, mask = image.astype(np.float32), mask.copy()
+        else:  # integer images warp in their dtype when fill_value fits (fewer, smaller buffers)
+            fv = self.fill_value
+            native = image.dtype.kind == "u" and fv == int(fv) and 0 <= fv <= np.iinfo(image.dtype).max
+            src = np.ascontiguousarray(image) if native else image.astype(np.float32)
+            img, mask = self._warp(src, mask, params["matrix"], params["elastic"])
+            img = img.astype(np.float32, copy=False)
         return self._photo(img, params, vr, image.dtype.kind in "ui"), mask
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *,
@@ -385,7 +388,7 @@ class Augment:
 
     @staticmethod
     def _photo(img: np.ndarray, p: dict[str, Any], vr: float, integer: bool) -> np.ndarray:
-        if all(p[k] is None for k in ("brightness", "contrast", "gamma", "blur", "noise")):
+        if all(p[k] is None for k in _PHOTO):
             return img
         if p["brightness"] is not None or p["contrast"] is not None:
             factor = 1.0 if p["contrast"] is None else p["contrast"]
@@ -395,21 +398,19 @@ class Augment:
                 img *= np.float32(factor)
             img += np.float32(offset)
         if p["gamma"] is not None:
-            x = img * np.float32(1.0 / vr)
+            img *= np.float32(1.0 / vr)
             if integer:
-                np.clip(x, 0.0, 1.0, out=x)
-                np.power(x, np.float32(p["gamma"]), out=x)
+                np.clip(img, 0.0, 1.0, out=img)
+                np.power(img, np.float32(p["gamma"]), out=img)
             else:  # sign-preserving so negative float inputs do not become NaN
-                x = np.copysign(np.power(np.abs(x), np.float32(p["gamma"])), x)
-            img = np.multiply(x, np.float32(vr), out=x)
+                img = np.copysign(np.power(np.abs(img), np.float32(p["gamma"])), img)
+            img *= np.float32(vr)
         if p["blur"]:  # None or 0.0: nothing to do
             sigma, k = p["blur"], 2 * math.ceil(3 * p["blur"]) + 1
             img = _groups(lambda a: cv2.GaussianBlur(a, (k, k), sigma, borderType=cv2.BORDER_REFLECT_101), img)
         if p["noise"] is not None:
-            seed, std = p["noise"]
-            noise = _gaussian(np.random.default_rng(seed), img.shape)
-            noise *= np.float32(std * vr)
-            img += noise
+            img = np.ascontiguousarray(img)  # no-op here; _add_noise works on a flat view
+            _add_noise(img, p["noise"][0], p["noise"][1] * vr)
         if integer:
             np.clip(img, 0.0, vr, out=img)
         return img
@@ -417,38 +418,38 @@ class Augment:
 
 def _elastic_field(h: int, w: int, seed: int, alpha: float, sigma: float) -> tuple[np.ndarray, np.ndarray]:
     """Smoothed uniform displacement field (dx, dy), each ``(h, w)`` float32, in pixels."""
-    step = max(1, int(sigma // 2))
-    rng = np.random.default_rng(seed)
-    noise = rng.random((-(-h // step) + 1, -(-w // step) + 1, 2), dtype=np.float32)
+    step = max(1, int(sigma // 2))  # coarse grid; smoothing sigma / step there
+    noise = np.random.default_rng(seed).random((-(-h // step) + 1, -(-w // step) + 1, 2), dtype=np.float32)
     noise = noise * np.float32(2.0) - np.float32(1.0)
-    s = sigma / step
-    k = 2 * math.ceil(3 * s) + 1
+    s, k = sigma / step, 2 * math.ceil(3 * sigma / step) + 1
     field = cv2.GaussianBlur(noise, (k, k), s, borderType=cv2.BORDER_REFLECT_101)
-    if step > 1:
-        field = cv2.resize(field, (w, h), interpolation=cv2.INTER_LINEAR)
-    else:
-        field = field[:h, :w]
-    field *= np.float32(alpha / step)
+    field = cv2.resize(field, (w, h), interpolation=cv2.INTER_LINEAR) if step > 1 else field[:h, :w]
+    field *= np.float32(alpha / step)  # matches the full-resolution field's amplitude
     return np.ascontiguousarray(field[..., 0]), np.ascontiguousarray(field[..., 1])
 
 
-def _gaussian(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """Standard normal float32 noise by in-place Box-Muller (~3x faster than
-    ``rng.standard_normal`` here; tails are cut at about 5.8 sigma)."""
-    n = math.prod(shape)
-    half = (n + 1) // 2
-    u = rng.random(2 * half, dtype=np.float32)
-    r, t = u[:half], u[half:]
-    np.negative(r, out=r)
-    np.log1p(r, out=r)               # log(1 - u), u in [0, 1): finite
-    r *= np.float32(-2.0)
-    np.sqrt(r, out=r)
-    t *= np.float32(2.0 * math.pi)
-    out = np.empty(2 * half, dtype=np.float32)
-    for part, fn in ((out[:half], np.cos), (out[half:], np.sin)):
-        fn(t, out=part)
-        part *= r
-    return out[:n].reshape(shape)
+def _add_noise(img: np.ndarray, seed: int, std: float, chunk: int = 16384) -> None:
+    """Add N(0, std**2) noise to contiguous float32 ``img`` in place.
+
+    In-place Box-Muller on cache-sized chunks: ~3x faster than
+    ``rng.standard_normal`` plus a full-size temporary; tails cut at ~5.8 sigma.
+    """
+    rng, flat = np.random.default_rng(seed), img.reshape(-1)
+    for start in range(0, flat.size, 2 * chunk):
+        n = min(2 * chunk, flat.size - start)
+        half = (n + 1) // 2
+        u = rng.random(2 * half, dtype=np.float32)
+        r, t = u[:half], u[half:]
+        np.negative(r, out=r)
+        np.log1p(r, out=r)                       # log(1 - u), u in [0, 1): finite
+        r *= np.float32(-2.0 * std * std)
+        np.sqrt(r, out=r)                        # radius
+        t *= np.float32(2.0 * math.pi)           # angle
+        cos = np.cos(t)
+        np.sin(t, out=t)
+        t *= r
+        r *= cos
+        flat[start:start + n] += u[:n]
 
 
 def _value_range(dtype: np.dtype, value_range: float | None) -> float:

@@ -91,7 +91,13 @@ class BatchProducer:
         self.options = options
 
     def setup(self) -> None:
-        """Nothing to do: the store opens its files lazily in each process."""
+        """Run once in each worker: one OpenCV thread per worker (workers already fill the cores).
+
+        The store needs nothing here: it opens its files lazily in each process.
+        """
+        import cv2
+
+        cv2.setNumThreads(1)
 
     def produce(self, task: tuple[int, np.ndarray], out: dict[str, np.ndarray]) -> int:
         """Fill ``out['images'][:n]`` and ``out['masks'][:n]`` for ``task = (epoch, indices)``."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -94,7 +95,7 @@ def _cmd_synth(args: argparse.Namespace) -> None:
 
         write_synth_folder(args.dst, args.count, size=tuple(args.size), classes=args.classes,
                            channels=args.channels, seed=args.seed, dtype=dtype, ext=args.ext,
-                           mask_suffix=args.mask_suffix, progress=progress)
+                           mask_suffix=args.mask_suffix, progress=None if progress else False)
         print(f"wrote {args.count} image/mask pairs to {args.dst}/images and {args.dst}/masks")
         return
     from .converter import convert_source
@@ -146,6 +147,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``streamseg`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter, for demo/bench
     try:
         if args.command == "synth":
             _cmd_synth(args)

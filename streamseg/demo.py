@@ -16,12 +16,12 @@ from .synth import write_synth_folder
 
 __all__ = ["run_demo", "preview_grid"]
 
-_COLOURS = np.array([[0, 0, 0], [255, 60, 60], [60, 220, 60], [60, 120, 255], [255, 200, 0],
+_COLOURS = np.array([[0, 0, 0], [40, 90, 255], [40, 230, 40], [255, 40, 200], [255, 200, 0],
                      [200, 0, 255], [0, 220, 220], [255, 128, 0]], np.float32)
 
 
 def preview_grid(images: np.ndarray, masks: np.ndarray, path: str | Path, *, columns: int = 4) -> Path:
-    """Save augmented images with their masks overlaid (label colours at 45% opacity) as a PNG.
+    """Save augmented images with their masks overlaid (label colours at 60% opacity) as a PNG.
 
     Parameters
     ----------
@@ -42,7 +42,7 @@ def preview_grid(images: np.ndarray, masks: np.ndarray, path: str | Path, *, col
         if rgb.shape[2] == 1:
             rgb = np.repeat(rgb, 3, axis=2)
         colour = _COLOURS[np.asarray(msk[..., 0]) % len(_COLOURS)]
-        alpha = np.where(msk[..., 0:1] > 0, 0.45, 0.0)
+        alpha = np.where(msk[..., 0:1] > 0, 0.6, 0.0)
         overlay = rgb * (1 - alpha) + colour * alpha
         pad = np.full((rgb.shape[0], 4, 3), 255, np.float32)
         tiles.append(np.concatenate([rgb, pad, overlay, pad, pad], axis=1))
@@ -65,7 +65,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     files, store_path = out / "scans", out / "scans.zarr"
     print(f"[1/4] synthesising {args.count} scans ({args.size}x{args.size}) into {files}")
-    write_synth_folder(files, args.count, size=(args.size, args.size), classes=3, seed=0, progress="auto")
+    write_synth_folder(files, args.count, size=(args.size, args.size), classes=3, seed=0, progress=None)
     print(f"[2/4] converting to the zarr store {store_path}")
     convert(files, store_path, format="zarr", workers=min(2, args.workers or 1), overwrite=True)
     print(format_info(store_info(store_path)))

@@ -55,7 +55,6 @@ class Feeder:
         self._pool: BatchPool | None = None
         self._lock = threading.RLock()
         self._timer: threading.Timer | None = None
-        self._inline_ready = False
 
     @property
     def inline(self) -> bool:
@@ -68,9 +67,6 @@ class Feeder:
         return self._pool
 
     def _produce_inline(self, task: Any) -> dict[str, np.ndarray]:
-        if not self._inline_ready:
-            self.producer.setup()
-            self._inline_ready = True
         out = {name: np.empty(shape, dtype) for name, (shape, dtype) in self.slots.items()}
         n = self.producer.produce(task, out)
         return {name: arr[:n] for name, arr in out.items()}

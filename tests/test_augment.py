@@ -198,6 +198,21 @@ def test_alignment_oracle(elastic):
     assert np.mean(mismatched) < 0.9 and sum(m < 0.97 for m in mismatched) >= 10, mismatched
 
 
+def test_elastic_deforms_both_and_field_amplitude_matches_full_resolution():
+    from streamseg.augment import _elastic_field
+
+    mask = shapes_mask(seed=1)
+    image = label_image(mask, 1)
+    out, omask = Augment(elastic=1.0, elastic_alpha=200.0)(image, mask, rng(0))
+    assert not np.array_equal(omask, mask) and agreement(out, omask) >= 0.97
+    h, w, sigma = 128, 160, 6.0
+    dx, dy = _elastic_field(h, w, 0, 1.0, sigma)
+    full = [cv2.GaussianBlur(rng(s).uniform(-1, 1, (h, w)).astype(np.float32), (37, 37), sigma).std()
+            for s in range(4)]
+    assert dx.shape == dy.shape == (h, w)
+    assert abs(np.std([dx, dy]) / np.mean(full) - 1.0) < 0.15
+
+
 # ---------------------------------------------------------------- photometric
 def test_photometric_never_changes_mask():
     image, mask = pair(40, 36, 3, labels=5)

@@ -201,6 +201,8 @@ def test_timeout_discard_and_backlog(kind):
 
 def test_usage_errors():
     with pytest.raises(OptionError):
+        BatchPool(H.Producer(), {})
+    with pytest.raises(OptionError):
         BatchPool(H.Producer(), {"x": ((4, 2), np.float32), "y": ((3,), np.int32)})
     with pytest.raises(OptionError):
         BatchPool(H.Producer(), {"x": ((4,), object)}, use_processes=False)

@@ -16,11 +16,12 @@ pytestmark = pytest.mark.slow
 
 
 def worker_children() -> list[psutil.Process]:
-    """Children of this process, apart from multiprocessing's resource tracker."""
+    """Children of this process, apart from multiprocessing's resource tracker and fork server."""
     out = []
     for child in psutil.Process().children(recursive=True):
         try:
-            if "resource_tracker" not in " ".join(child.cmdline()):
+            cmd = " ".join(child.cmdline())
+            if "resource_tracker" not in cmd and "forkserver" not in cmd:
                 out.append(child)
         except psutil.Error:
             continue
