@@ -427,6 +427,7 @@ class BatchPool:
         if entry is None:
             raise KeyError(f"no pending task with key {key!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._pump(0.0, entry.ticket)  # a dead worker is reported even when results are ready
         while entry.state not in ("done", "failed"):
             if entry.slot is None and not self._free:
                 self._evict()  # unclaimed results hold every slot: move one to the heap

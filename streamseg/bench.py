@@ -1,0 +1,603 @@
+"""``streamseg bench``: how well does an input pipeline feed ``model.fit``?
+
+:func:`measure_fit` runs ``model.fit`` on any dataset Keras accepts (a SegmentationDataset, any
+``keras.utils.PyDataset``, a ``tf.data.Dataset``) with one consumer, and measures the steps after
+a warm-up, from the end of the last warm-up step to the end of the last measured step:
+
+- **throughput**: samples/s and batches/s;
+- **input stall**: the share of that wall time spent on anything but the model's compute, i.e.
+  waiting for data (plus Keras' small per-step overhead).  With the *simulated accelerator* (a
+  model whose train step sleeps ``step_ms`` per batch, releasing the GIL like a GPU, so a
+  pipeline can be judged without one) compute is ``steps * step_ms`` by construction and
+  ``stall = 1 - steps * step_ms / wall``.  With a real model (the small U-Net, or yours), compute
+  is measured first by fitting the same model on one cached in-memory batch (same loop, same
+  callback, up to 20 steps) and ``stall = 1 - compute / wall``.  Clipped to [0, 1].  With
+  ``step_ms=0`` the stall is 1 by definition: samples/s is then the pipeline's raw capacity;
+- **memory** peaks through the run (:class:`streamseg.memory.MemorySampler`): main USS, RssAnon
+  and RssFile (file-backed pages such as memory-mapped store files, which the kernel can drop)
+  apart, the workers' summed PSS, ``private`` = main USS + workers' PSS, ``tree_pss`` = main PSS
+  + workers' PSS, and ``tree_anon_pss`` = Pss_Anon + Pss_Shmem summed over main and workers, i.e.
+  memory that is neither file-backed nor double-counted after ``fork`` (main USS alone drops
+  after a fork, because pages shared copy-on-write with workers are no longer unique);
+- **CPU** utilisation of the machine, and **GPU** utilisation and memory through NVML when a
+  GPU is there, else the string ``"n/a"``.
+
+``streamseg bench STORE`` wraps this for a store, optionally in a child process under a memory
+cap (cgroup v2 or ``systemd-run``), reported as applied or not with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from .errors import OptionError, truncate
+from .memory import MemorySampler, memory_snapshot
+
+__all__ = ["measure_fit", "simulated_accelerator", "parse_size", "cgroup_v2_prepare", "format_result",
+           "run_bench_cli"]
+
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20,
+          "G": 2**30, "GB": 2**30, "GIB": 2**30, "T": 2**40, "TB": 2**40, "TIB": 2**40}
+_CALIBRATION_STEPS = 20
+NA = "n/a"
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``"2G"``, ``"512M"``, ``"1.5GiB"`` or a plain number (binary units)."""
+    raw = str(text).strip().upper().replace(" ", "")
+    num = raw.rstrip("KMGTIB")
+    unit = raw[len(num):]
+    try:
+        value = float(num) * _UNITS[unit]
+    except (ValueError, KeyError):
+        value = -1.0
+    if not value > 0:
+        raise OptionError(f"Expected a memory size like 2G, 512M or 1.5GiB. Received: {truncate(text)}")
+    return int(value)
+
+
+def _mib(n: Any) -> str:
+    return f"{n / 2**20:.0f} MiB" if isinstance(n, (int, float)) else str(n)
+
+
+# ---------------------------------------------------------------------------------- consumers
+def simulated_accelerator(step_ms: float) -> Any:
+    """A compiled Keras model whose train step spends ``step_ms`` per batch (sleeping).
+
+    The sleep runs in a ``tf.numpy_function`` that depends on one element of the images and
+    masks, so each step waits for its batch; sleeping releases the GIL like a GPU would.
+    """
+    import keras
+    import tensorflow as tf
+
+    seconds = float(step_ms) / 1000.0
+
+    def _sleep(x: np.ndarray, y: np.ndarray) -> np.float32:
+        if seconds > 0:
+            time.sleep(seconds)
+        return np.float32(0.0)
+
+    class SimulatedAccelerator(keras.Model):
+        def call(self, inputs: Any) -> Any:
+            return inputs
+
+        def train_step(self, data: Any) -> dict[str, Any]:
+            x, y = data[0], data[1]
+            loss = tf.numpy_function(_sleep, [tf.reshape(x, [-1])[:1], tf.reshape(y, [-1])[:1]],
+                                     tf.float32, stateful=True)
+            return {"loss": loss}
+
+    model = SimulatedAccelerator(name="simulated_accelerator")
+    model.compile()
+    return model
+
+
+def _timer_callback(warmup: int, steps: int) -> Any:
+    import keras
+
+    class StepTimer(keras.callbacks.Callback):
+        """Timestamps every step; stops training after ``warmup + steps`` steps."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.done, self.t0, self.times, self.cpu = 0, None, [], []
+
+        def _mark(self) -> float:
+            self.cpu.append(psutil.cpu_times())
+            return time.perf_counter()
+
+        def on_train_begin(self, logs: Any = None) -> None:
+            if warmup == 0 and self.t0 is None:
+                self.t0 = self._mark()
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            for value in (logs or {}).values():  # wait for the step itself (async devices)
+                np.asarray(value)
+                break
+            self.done += 1
+            if self.done == warmup:
+                self.t0 = self._mark()
+            elif self.done > warmup:
+                self.times.append(time.perf_counter())
+            if self.done >= warmup + steps:
+                self.cpu.append(psutil.cpu_times())
+                self.model.stop_training = True
+
+    return StepTimer()
+
+
+def _num_batches(dataset: Any) -> int | None:
+    try:
+        import tensorflow as tf
+
+        if isinstance(dataset, tf.data.Dataset):
+            card = int(dataset.cardinality())
+            return card if card > 0 else None
+    except ImportError:  # pragma: no cover - TensorFlow is a dependency
+        pass
+    n = getattr(dataset, "num_batches", None)
+    if n is None and hasattr(dataset, "__len__"):
+        n = len(dataset)
+    return int(n) if n is not None else None
+
+
+def _first_batch(dataset: Any) -> tuple[Any, Any]:
+    import tensorflow as tf
+
+    if isinstance(dataset, tf.data.Dataset):
+        x, y = next(iter(dataset.take(1)))[:2]
+        return x.numpy(), y.numpy()
+    if hasattr(dataset, "__getitem__"):
+        x, y = dataset[0][:2]
+        return np.asarray(x), np.asarray(y)
+    x, y = next(iter(dataset))[:2]
+    return np.asarray(x), np.asarray(y)
+
+
+def _infer_batch_size(dataset: Any) -> int | None:
+    b = getattr(dataset, "batch_size", None)
+    if isinstance(b, (int, np.integer)) and b > 0:
+        return int(b)
+    spec = getattr(dataset, "element_spec", None)
+    if spec is not None and not callable(spec):
+        dim = spec[0].shape[0]
+        return int(dim) if dim is not None else None
+    return None
+
+
+class _TreeSampler(MemorySampler):
+    """MemorySampler that also keeps peaks of whole-tree sums (main process + workers)."""
+
+    def _take(self) -> None:
+        snap = memory_snapshot(self._proc)
+        main = _smaps_rollup(self._proc.pid)
+        anon = main.get("Pss_Anon", 0) + main.get("Pss_Shmem", 0)
+        for child in self._proc.children(recursive=True):
+            kids = _smaps_rollup(child.pid)
+            anon += kids.get("Pss_Anon", 0) + kids.get("Pss_Shmem", 0)
+        snap.update(pss=main.get("Pss", 0), private=snap["uss"] + snap["children_pss"],
+                    tree_pss=main.get("Pss", 0) + snap["children_pss"], tree_anon_pss=anon)
+        for k, v in snap.items():
+            self.peaks[k] = max(self.peaks.get(k, 0), v)
+        self.samples += 1
+
+
+def _smaps_rollup(pid: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) == 3 and parts[2] == "kB":
+                    out[parts[0].rstrip(":")] = int(parts[1]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+class _GpuSampler(threading.Thread):
+    """Samples GPU utilisation and memory through NVML; every figure is "n/a" without a GPU."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        super().__init__(daemon=True, name="streamseg-gpu")
+        self.interval, self.why, self.util, self.mem = interval, "", [], []
+        self.halt = threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nvml, count = pynvml, pynvml.nvmlDeviceGetCount()
+            if count == 0:
+                raise RuntimeError("NVML sees no GPU")
+            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+            name = pynvml.nvmlDeviceGetName(self.handles[0])
+            self.name = name.decode() if isinstance(name, bytes) else str(name)
+        except Exception as exc:  # no library, no driver, no device: say so, invent nothing
+            self.handles, self.why = [], f"{type(exc).__name__}: {exc}".strip()
+
+    def run(self) -> None:
+        while True:
+            try:  # a transient NVML error loses one sample, not the run
+                self.util.append([int(self.nvml.nvmlDeviceGetUtilizationRates(h).gpu) for h in self.handles])
+                self.mem.append([int(self.nvml.nvmlDeviceGetMemoryInfo(h).used) for h in self.handles])
+            except Exception:
+                pass
+            if self.halt.wait(self.interval):
+                return
+
+    def begin(self) -> "_GpuSampler":
+        if self.handles:
+            self.start()
+        return self
+
+    def finish(self) -> dict[str, Any]:
+        if not self.handles or not self.is_alive():
+            return {"gpu_util_percent": NA, "gpu_memory_peak_bytes": NA, "gpu_name": NA, "gpu_count": NA,
+                    "gpu_note": f"no GPU figures: {self.why or 'NVML unavailable'}"}
+        self.halt.set()
+        self.join()
+        with contextlib.suppress(Exception):
+            self.nvml.nvmlShutdown()
+        if not self.util:
+            return {"gpu_util_percent": NA, "gpu_memory_peak_bytes": NA, "gpu_name": self.name,
+                    "gpu_count": len(self.handles), "gpu_note": "NVML returned no sample"}
+        means = np.mean(np.array(self.util, float), axis=0)
+        best = int(np.argmax(means))
+        return {"gpu_util_percent": float(means[best]), "gpu_memory_peak_bytes": int(max(m[best] for m in self.mem)),
+                "gpu_name": self.name, "gpu_count": len(self.handles),
+                "gpu_note": f"busiest of {len(self.handles)} device(s), {len(self.util)} NVML samples"}
+
+
+# ---------------------------------------------------------------------------------- measurement
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise OptionError(f"{name} must be an integer >= {low}. Received: {name}={truncate(value)}")
+    return int(value)
+
+
+def _run_fit(model: Any, dataset: Any, warmup: int, steps: int, n_batches: int | None) -> Any:
+    timer = _timer_callback(warmup, steps)
+    total = warmup + steps
+    if n_batches:  # whole epochs (real epoch boundaries), stopped by the callback
+        model.fit(dataset, epochs=-(-total // n_batches) + 1, shuffle=False, verbose=0, callbacks=[timer])
+    else:  # unknown length: one epoch of exactly the steps needed
+        model.fit(dataset, epochs=1, steps_per_epoch=total, shuffle=False, verbose=0, callbacks=[timer])
+    if timer.done < total or timer.t0 is None:
+        raise OptionError(f"The dataset ran out after {timer.done} of {total} steps; give a longer or "
+                          f"repeating dataset, or fewer steps. Received: warmup={warmup}, steps={steps}")
+    return timer
+
+
+def measure_fit(dataset: Any, *, model: Any = "simulated", step_ms: float = 20.0, steps: int = 50,
+                warmup: int = 5, batch_size: int | None = None, input_shape: tuple[int, int, int] | None = None,
+                num_classes: int | None = None, mask_mode: str = "sparse",
+                sample_interval: float = 0.5) -> dict[str, Any]:
+    """Measure ``model.fit`` on ``dataset`` after a warm-up (see the module docstring).
+
+    Parameters
+    ----------
+    dataset : SegmentationDataset, keras.utils.PyDataset or tf.data.Dataset
+        Yields ``(images, masks)`` batches.  Finite datasets are fitted for whole epochs until
+        ``warmup + steps`` steps are done (epoch boundaries included, as in training).
+    model : {"simulated", "unet"} or keras.Model
+        ``"simulated"``: :func:`simulated_accelerator` (``step_ms`` per batch).  ``"unet"``:
+        :func:`streamseg.models.small_unet`.  A compiled ``keras.Model`` is used as given.
+    step_ms : float
+        Simulated accelerator time per batch (``>= 0``).
+    steps, warmup : int
+        Measured steps and steps before measuring.
+    batch_size : int, optional
+        Samples per batch (default: the dataset's ``batch_size`` or its static batch dimension).
+    input_shape, num_classes, mask_mode
+        For the U-Net (default: from a SegmentationDataset, or from the first batch).
+    sample_interval : float
+        Seconds between memory samples.
+
+    Returns
+    -------
+    dict
+        ``samples_per_s``, ``batches_per_s``, ``stall_fraction``, ``wall_s``, ``compute_s``,
+        ``compute_source``, ``step_ms_p50``/``p95``/``max``, ``cpu_percent``, ``memory`` (peak
+        bytes), GPU fields (``"n/a"`` without a GPU) and the settings.
+    """
+    steps, warmup = _check_int("steps", steps, 1), _check_int("warmup", warmup, 0)
+    if isinstance(step_ms, bool) or not isinstance(step_ms, (int, float)) or not 0 <= step_ms < 1e6:
+        raise OptionError(f"step_ms must be a number >= 0. Received: step_ms={truncate(step_ms)}")
+    batch_size = batch_size or _infer_batch_size(dataset)
+    if batch_size is None:
+        raise OptionError("Cannot tell the batch size of this dataset; pass batch_size=. Received: None")
+    n_batches = _num_batches(dataset)
+    compute_s: float | None = None
+    if isinstance(model, str) and model == "simulated":
+        keras_model, kind = simulated_accelerator(step_ms), "simulated"
+        compute_s = steps * float(step_ms) / 1000.0
+    elif isinstance(model, str) and model == "unet":
+        from .models import small_unet
+
+        batch = _first_batch(dataset)
+        x, y = batch
+        shape = input_shape or getattr(getattr(dataset, "store", None), "image_shape", None) or x.shape[1:]
+        k = num_classes or getattr(dataset, "num_classes", None) or int(y.max()) + 1
+        keras_model, kind = small_unet(tuple(shape), int(k), mask_mode=mask_mode), "unet"
+    elif hasattr(model, "fit"):
+        keras_model, kind = model, "custom"
+    else:
+        raise OptionError(f"model must be 'simulated', 'unet' or a compiled keras.Model. Received: {truncate(model)}")
+    calibration = None
+    if compute_s is None:  # measured compute: the same fit loop on one cached in-memory batch
+        import tensorflow as tf
+
+        x, y = batch if kind == "unet" else _first_batch(dataset)
+        cal_steps = min(steps, _CALIBRATION_STEPS)
+        cached = tf.data.Dataset.from_tensors((x, y)).repeat()
+        cal = _run_fit(keras_model, cached, max(2, warmup), cal_steps, None)
+        calibration = (cal.times[-1] - cal.t0) / cal_steps
+        compute_s = calibration * steps
+    gpu, sampler = _GpuSampler().begin(), _TreeSampler(sample_interval).start()
+    try:
+        timer = _run_fit(keras_model, dataset, warmup, steps, n_batches)
+    finally:
+        mem, gpu_out = sampler.stop(), gpu.finish()
+    wall = timer.times[-1] - timer.t0
+    steps_s = np.diff(np.array([timer.t0] + timer.times)) * 1000.0
+    c0, c1 = timer.cpu[0], timer.cpu[-1]
+    total_cpu = sum(c1) - sum(c0)
+    idle = (c1.idle - c0.idle) + (getattr(c1, "iowait", 0.0) - getattr(c0, "iowait", 0.0))
+    peak = mem["peak"]
+    return {
+        "model": kind, "step_ms": float(step_ms) if kind == "simulated" else None,
+        "warmup": warmup, "steps": steps, "batch_size": int(batch_size), "batches_per_epoch": n_batches,
+        "wall_s": wall, "compute_s": compute_s,
+        "compute_source": "nominal: steps * step_ms" if kind == "simulated"
+        else f"measured: fit on one cached batch, {calibration * 1000.0:.2f} ms/step",
+        "samples_per_s": steps * batch_size / wall, "batches_per_s": steps / wall,
+        "stall_fraction": float(min(1.0, max(0.0, 1.0 - compute_s / wall))),
+        "step_ms_p50": float(np.percentile(steps_s, 50)), "step_ms_p95": float(np.percentile(steps_s, 95)),
+        "step_ms_max": float(steps_s.max()),
+        "cpu_percent": 100.0 * (total_cpu - idle) / total_cpu if total_cpu > 0 else 0.0,
+        "cpu_count": psutil.cpu_count() or 1,
+        "memory": {"main_uss": peak.get("uss", 0), "main_rss": peak.get("rss", 0),
+                   "main_rss_anon": peak.get("rss_anon", 0), "main_rss_file": peak.get("rss_file", 0),
+                   "main_pss": peak.get("pss", 0), "workers_pss": peak.get("children_pss", 0),
+                   "workers": peak.get("children", 0), "private": peak.get("private", 0),
+                   "tree_pss": peak.get("tree_pss", 0), "tree_anon_pss": peak.get("tree_anon_pss", 0),
+                   "samples": mem["samples"]},
+        **gpu_out,
+    }
+
+
+# ---------------------------------------------------------------------------------- memory cap
+def _read(path: str | Path, default: str = "") -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return default
+
+
+def _cgroup2_mount() -> Path | None:
+    for line in _read("/proc/self/mountinfo").splitlines():
+        left, _, right = line.partition(" - ")
+        if right.split(" ")[0] == "cgroup2":
+            return Path(left.split(" ")[4])
+    return None
+
+
+def _own_cgroup2() -> str | None:
+    return next((ln[3:] for ln in _read("/proc/self/cgroup").splitlines() if ln.startswith("0::")), None)
+
+
+def cgroup_v2_prepare(limit: int, *, mount: Path | None = None, own: str | None = None) -> tuple[Path | None, str]:
+    """Create a child cgroup (v2) of this process's cgroup with ``memory.max = limit``.
+
+    Returns ``(path, "")`` on success, or ``(None, reason)`` saying why it cannot be done here.
+    """
+    mount = mount or _cgroup2_mount()
+    own = own if own is not None else _own_cgroup2()
+    if mount is None or own is None:
+        return None, "no cgroup v2 hierarchy is mounted"
+    base = mount / own.lstrip("/")
+    try:
+        controllers = (base / "cgroup.controllers").read_text().split()
+    except OSError as exc:
+        return None, f"cannot read {base / 'cgroup.controllers'} ({exc.strerror})"
+    if "memory" not in controllers:
+        return None, (f"the cgroup v2 hierarchy at {mount} offers no memory controller "
+                      f"(controllers: {' '.join(controllers) or 'none'})")
+    control = base / "cgroup.subtree_control"
+    try:
+        if "memory" not in control.read_text().split():
+            control.write_text("+memory")
+    except OSError as exc:
+        return None, f"cannot enable the memory controller below {base} ({exc.strerror or exc})"
+    child = base / f"streamseg-bench-{os.getpid()}"
+    try:
+        child.mkdir(exist_ok=True)
+        (child / "memory.max").write_text(str(limit))
+    except OSError as exc:
+        _rmdir(child)
+        return None, f"cannot create a limited cgroup at {child} ({exc.strerror or exc})"
+    try:
+        (child / "memory.swap.max").write_text("0")
+    except OSError:
+        pass  # no swap accounting: the cap still holds for RAM
+    return child, ""
+
+
+def _rmdir(path: Path) -> None:
+    for _ in range(20):
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
+def _child_argv(args: argparse.Namespace, json_path: str) -> list[str]:
+    argv = [sys.executable, "-m", "streamseg.cli", "bench", str(args.store), "--model", args.model,
+            "--step-ms", str(args.step_ms), "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--batch-size", str(args.batch_size), "--augment", str(args.augment), "--workers",
+            str(args.workers), "--shuffle", args.shuffle, "--json", json_path]
+    return argv + (["--threads"] if args.threads else [])
+
+
+def _run_capped(args: argparse.Namespace, limit: int) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """Run the measurement in a child under ``limit`` bytes; returns (result or None, cap report)."""
+    cap: dict[str, Any] = {"requested": str(args.memory_cap), "requested_bytes": limit, "applied": False,
+                           "how": None, "why_not": None}
+    reasons = []
+    with tempfile.TemporaryDirectory(prefix="streamseg-bench-") as tmp:
+        out = os.path.join(tmp, "result.json")
+        argv, env = _child_argv(args, out), {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        group, why = cgroup_v2_prepare(limit)
+        if group is not None:
+            procs = group / "cgroup.procs"
+            try:
+                proc = subprocess.run(argv, env=env, capture_output=True, text=True,
+                                      preexec_fn=lambda: procs.write_text(str(os.getpid())))
+                events = _read(group / "memory.events")
+                cap.update(applied=True, how=f"cgroup v2 {group} memory.max={limit}")
+                cap["oom_kills"] = next((int(line.split()[1]) for line in events.splitlines()
+                                         if line.startswith("oom_kill ")), 0)
+            finally:
+                _rmdir(group)
+        else:
+            reasons.append(f"cgroup v2: {why}")
+            if Path("/run/systemd/system").is_dir() and shutil.which("systemd-run"):
+                scope = ["systemd-run", "--scope", "--quiet", "--collect", "-p", f"MemoryMax={limit}",
+                         "-p", "MemorySwapMax=0"] + ([] if os.geteuid() == 0 else ["--user"])
+                proc = subprocess.run(scope + ["--"] + argv, env=env, capture_output=True, text=True)
+                refused = [ln for ln in proc.stderr.splitlines()
+                           if ln.startswith(("Failed to", "System has not been booted"))]
+                started = os.path.exists(out) or not refused
+                if started:
+                    cap.update(applied=True, how=f"systemd-run --scope -p MemoryMax={limit}")
+                else:
+                    reasons.append(f"systemd-run: {refused[-1]}")
+            else:
+                reasons.append("systemd-run: systemd is not the init system here "
+                               f"(PID 1 is {_read('/proc/1/comm', '?').strip()!r}), so no scope can be created")
+        if not cap["applied"]:
+            if Path("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists():
+                reasons.append("(a cgroup v1 memory hierarchy exists at /sys/fs/cgroup/memory; "
+                               "streamseg does not manage v1 cgroups)")
+            cap["why_not"] = "; ".join(reasons)
+            return None, cap
+        cap["exit_status"] = proc.returncode
+        if proc.returncode != 0 or not os.path.exists(out):
+            killed = proc.returncode in (-9, 137) or cap.get("oom_kills")
+            cap["outcome"] = ("killed: out of memory under the cap" if killed
+                              else f"failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+            return None, cap
+        cap["outcome"] = "completed under the cap"
+        return json.loads(Path(out).read_text()), cap
+
+
+# ---------------------------------------------------------------------------------- command line
+def format_result(r: dict[str, Any]) -> str:
+    """Plain aligned text for a ``streamseg bench`` result."""
+    s, m, o = r.get("store", {}), r["memory"], r.get("options", {})
+    consumer = (f"simulated accelerator, {r['step_ms']:g} ms/step" if r["model"] == "simulated"
+                else f"{r['model']} ({r['compute_source']})")
+    gpu = (f"{r['gpu_util_percent']:.0f}% util, peak {_mib(r['gpu_memory_peak_bytes'])} ({r['gpu_name']})"
+           if r["gpu_util_percent"] != NA else f"n/a ({r['gpu_note']})")
+    rows = [
+        ("store", f"{s.get('path')} ({s.get('format')}, {s.get('count')} x {s.get('image_shape')}, "
+                  f"{_mib(s.get('disk_bytes'))} on disk, {_mib(s.get('raw_bytes'))} raw; "
+                  f"machine RAM {_mib(r.get('machine', {}).get('ram_total_bytes'))})"),
+        ("consumer", consumer),
+        ("pipeline", f"batch {r['batch_size']}, augment {o.get('augment')}, workers {o.get('workers')} "
+                     f"({'threads' if o.get('threads') else 'processes'}), shuffle {o.get('shuffle')}"),
+        ("measured", f"{r['steps']} steps after {r['warmup']} warm-up steps in {r['wall_s']:.2f} s"),
+        ("throughput", f"{r['samples_per_s']:.1f} samples/s, {r['batches_per_s']:.2f} batches/s"),
+        ("input stall", f"{r['stall_fraction']:.3f} (compute {r['compute_s']:.2f} s of {r['wall_s']:.2f} s; "
+                        f"step p50 {r['step_ms_p50']:.1f} ms, p95 {r['step_ms_p95']:.1f} ms)"),
+        ("cpu", f"{r['cpu_percent']:.0f}% of {r['cpu_count']} cores"),
+        ("memory peak", f"main USS {_mib(m['main_uss'])} (RssAnon {_mib(m['main_rss_anon'])}, RssFile "
+                        f"{_mib(m['main_rss_file'])}); workers PSS {_mib(m['workers_pss'])} ({m['workers']}); "
+                        f"main USS + workers PSS {_mib(m['private'])}; all processes' anonymous + "
+                        f"shared-memory PSS {_mib(m['tree_anon_pss'])}"),
+        ("gpu", gpu),
+    ]
+    cap = r.get("memory_cap")
+    if cap:
+        state = f"applied: {cap['how']}" if cap["applied"] else f"NOT applied: {cap['why_not']}"
+        rows.append(("memory cap", f"{cap['requested']} {state}"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _validate_args(args: argparse.Namespace) -> None:
+    _check_int("--steps", args.steps, 1)
+    _check_int("--warmup", args.warmup, 0)
+    _check_int("--batch-size", args.batch_size, 1)
+    _check_int("--workers", args.workers, 0)
+    if not args.step_ms >= 0:
+        raise OptionError(f"--step-ms must be >= 0. Received: --step-ms {args.step_ms}")
+
+
+def _measure_store(args: argparse.Namespace) -> dict[str, Any]:
+    from .dataset import SegmentationDataset
+    from .inspect import store_info
+    from .store import open_store
+
+    store = open_store(args.store)
+    info = store_info(args.store)
+    augment = None if args.augment == "none" else args.augment
+    ds = SegmentationDataset(store, args.batch_size, augment=augment, shuffle=args.shuffle, workers=args.workers,
+                             use_multiprocessing=not args.threads and args.workers > 0,
+                             drop_remainder=len(store) >= args.batch_size)
+    try:
+        result = measure_fit(ds, model=args.model, step_ms=args.step_ms, steps=args.steps, warmup=args.warmup)
+    finally:
+        ds.close()
+    vm = psutil.virtual_memory()
+    result["store"] = {k: info[k] for k in ("path", "format", "count", "image_shape", "image_dtype",
+                                            "chunk_samples", "compressor", "disk_bytes", "raw_bytes")}
+    result["machine"] = {"ram_total_bytes": int(vm.total), "ram_available_bytes": int(vm.available),
+                         "cpu_count": psutil.cpu_count() or 1,
+                         "dataset_raw_over_ram": info["raw_bytes"] / vm.total}
+    result["options"] = {"augment": args.augment, "workers": args.workers, "threads": bool(args.threads),
+                         "shuffle": args.shuffle, "backend": info["format"]}
+    return result
+
+
+def run_bench_cli(args: argparse.Namespace) -> int:
+    """Run ``streamseg bench`` for parsed arguments (see :mod:`streamseg.bench_cli`)."""
+    _validate_args(args)
+    cap = None
+    result = None
+    if args.memory_cap:
+        limit = parse_size(args.memory_cap)
+        result, cap = _run_capped(args, limit)
+        if result is None and cap["applied"]:
+            print(f"streamseg bench: the run under the memory cap did not finish: {cap['outcome']}",
+                  file=sys.stderr)
+            if args.json_path:
+                Path(args.json_path).write_text(json.dumps({"memory_cap": cap}, indent=1))
+            return 1
+    if result is None:
+        result = _measure_store(args)
+    if cap is not None:
+        result["memory_cap"] = cap
+        cap["dataset_raw_bytes"] = result["store"]["raw_bytes"]
+        cap["smaller_than_dataset"] = cap["requested_bytes"] < result["store"]["raw_bytes"]
+    print(format_result(result))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(result, indent=1))
+    return 0
