@@ -60,12 +60,11 @@ def parse_size(text: str | int) -> int:
     """Bytes from ``"2G"``, ``"512M"``, ``"1.5GiB"`` or a plain number (binary units)."""
     raw = str(text).strip().upper().replace(" ", "")
     num = raw.rstrip("KMGTIB")
-    unit = raw[len(num):]
     try:
-        value = float(num) * _UNITS[unit]
+        value = float(num) * _UNITS[raw[len(num):]]
     except (ValueError, KeyError):
         value = -1.0
-    if not value > 0:
+    if not 0 < value < float("inf"):
         raise OptionError(f"Expected a memory size like 2G, 512M or 1.5GiB. Received: {truncate(text)}")
     return int(value)
 
@@ -121,8 +120,7 @@ def _timer_callback(warmup: int, steps: int) -> Any:
             return time.perf_counter()
 
         def on_train_begin(self, logs: Any = None) -> None:
-            if warmup == 0 and self.t0 is None:
-                self.t0 = self._mark()
+            self.t0 = self._mark() if warmup == 0 else None
 
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
             for value in (logs or {}).values():  # wait for the step itself (async devices)
@@ -141,42 +139,34 @@ def _timer_callback(warmup: int, steps: int) -> Any:
 
 
 def _num_batches(dataset: Any) -> int | None:
-    try:
-        import tensorflow as tf
+    import tensorflow as tf
 
-        if isinstance(dataset, tf.data.Dataset):
-            card = int(dataset.cardinality())
-            return card if card > 0 else None
-    except ImportError:  # pragma: no cover - TensorFlow is a dependency
-        pass
+    if isinstance(dataset, tf.data.Dataset):
+        card = int(dataset.cardinality())
+        return card if card > 0 else None
     n = getattr(dataset, "num_batches", None)
     if n is None and hasattr(dataset, "__len__"):
         n = len(dataset)
     return int(n) if n is not None else None
 
 
-def _first_batch(dataset: Any) -> tuple[Any, Any]:
+def _first_batch(dataset: Any) -> tuple[np.ndarray, np.ndarray]:
     import tensorflow as tf
 
     if isinstance(dataset, tf.data.Dataset):
-        x, y = next(iter(dataset.take(1)))[:2]
-        return x.numpy(), y.numpy()
-    if hasattr(dataset, "__getitem__"):
-        x, y = dataset[0][:2]
-        return np.asarray(x), np.asarray(y)
-    x, y = next(iter(dataset))[:2]
-    return np.asarray(x), np.asarray(y)
+        batch = next(iter(dataset.take(1)))
+    else:
+        batch = dataset[0] if hasattr(dataset, "__getitem__") else next(iter(dataset))
+    return np.asarray(batch[0]), np.asarray(batch[1])
 
 
 def _infer_batch_size(dataset: Any) -> int | None:
     b = getattr(dataset, "batch_size", None)
     if isinstance(b, (int, np.integer)) and b > 0:
         return int(b)
-    spec = getattr(dataset, "element_spec", None)
-    if spec is not None and not callable(spec):
-        dim = spec[0].shape[0]
-        return int(dim) if dim is not None else None
-    return None
+    spec = getattr(dataset, "element_spec", None)  # tf.data: static batch dimension, if any
+    dim = spec[0].shape[0] if spec is not None and not callable(spec) else None
+    return int(dim) if dim is not None else None
 
 
 class _TreeSampler(MemorySampler):
@@ -315,7 +305,7 @@ def measure_fit(dataset: Any, *, model: Any = "simulated", step_ms: float = 20.0
         bytes), GPU fields (``"n/a"`` without a GPU) and the settings.
     """
     steps, warmup = _check_int("steps", steps, 1), _check_int("warmup", warmup, 0)
-    if isinstance(step_ms, bool) or not isinstance(step_ms, (int, float)) or not 0 <= step_ms < 1e6:
+    if isinstance(step_ms, bool) or not isinstance(step_ms, (int, float)) or not 0 <= step_ms < 1e7:
         raise OptionError(f"step_ms must be a number >= 0. Received: step_ms={truncate(step_ms)}")
     batch_size = batch_size or _infer_batch_size(dataset)
     if batch_size is None:
@@ -328,8 +318,7 @@ def measure_fit(dataset: Any, *, model: Any = "simulated", step_ms: float = 20.0
     elif isinstance(model, str) and model == "unet":
         from .models import small_unet
 
-        batch = _first_batch(dataset)
-        x, y = batch
+        x, y = batch = _first_batch(dataset)
         shape = input_shape or getattr(getattr(dataset, "store", None), "image_shape", None) or x.shape[1:]
         k = num_classes or getattr(dataset, "num_classes", None) or int(y.max()) + 1
         keras_model, kind = small_unet(tuple(shape), int(k), mask_mode=mask_mode), "unet"
@@ -358,6 +347,9 @@ def measure_fit(dataset: Any, *, model: Any = "simulated", step_ms: float = 20.0
     total_cpu = sum(c1) - sum(c0)
     idle = (c1.idle - c0.idle) + (getattr(c1, "iowait", 0.0) - getattr(c0, "iowait", 0.0))
     peak = mem["peak"]
+    names = {"main_uss": "uss", "main_rss": "rss", "main_rss_anon": "rss_anon", "main_rss_file": "rss_file",
+             "main_pss": "pss", "workers_pss": "children_pss", "workers": "children", "private": "private",
+             "tree_pss": "tree_pss", "tree_anon_pss": "tree_anon_pss"}
     return {
         "model": kind, "step_ms": float(step_ms) if kind == "simulated" else None,
         "warmup": warmup, "steps": steps, "batch_size": int(batch_size), "batches_per_epoch": n_batches,
@@ -370,12 +362,7 @@ def measure_fit(dataset: Any, *, model: Any = "simulated", step_ms: float = 20.0
         "step_ms_max": float(steps_s.max()),
         "cpu_percent": 100.0 * (total_cpu - idle) / total_cpu if total_cpu > 0 else 0.0,
         "cpu_count": psutil.cpu_count() or 1,
-        "memory": {"main_uss": peak.get("uss", 0), "main_rss": peak.get("rss", 0),
-                   "main_rss_anon": peak.get("rss_anon", 0), "main_rss_file": peak.get("rss_file", 0),
-                   "main_pss": peak.get("pss", 0), "workers_pss": peak.get("children_pss", 0),
-                   "workers": peak.get("children", 0), "private": peak.get("private", 0),
-                   "tree_pss": peak.get("tree_pss", 0), "tree_anon_pss": peak.get("tree_anon_pss", 0),
-                   "samples": mem["samples"]},
+        "memory": {**{k: int(peak.get(v, 0)) for k, v in names.items()}, "samples": mem["samples"]},
         **gpu_out,
     }
 
@@ -410,10 +397,7 @@ def cgroup_v2_prepare(limit: int, *, mount: Path | None = None, own: str | None 
     if mount is None or own is None:
         return None, "no cgroup v2 hierarchy is mounted"
     base = mount / own.lstrip("/")
-    try:
-        controllers = (base / "cgroup.controllers").read_text().split()
-    except OSError as exc:
-        return None, f"cannot read {base / 'cgroup.controllers'} ({exc.strerror})"
+    controllers = _read(base / "cgroup.controllers").split()
     if "memory" not in controllers:
         return None, (f"the cgroup v2 hierarchy at {mount} offers no memory controller "
                       f"(controllers: {' '.join(controllers) or 'none'})")
@@ -430,22 +414,20 @@ def cgroup_v2_prepare(limit: int, *, mount: Path | None = None, own: str | None 
     except OSError as exc:
         _rmdir(child)
         return None, f"cannot create a limited cgroup at {child} ({exc.strerror or exc})"
-    try:
+    with contextlib.suppress(OSError):  # without swap accounting the cap still holds for RAM
         (child / "memory.swap.max").write_text("0")
-    except OSError:
-        pass  # no swap accounting: the cap still holds for RAM
     return child, ""
 
 
 def _rmdir(path: Path) -> None:
-    for _ in range(20):
+    for _ in range(20):  # workers may take a moment to leave the cgroup
         try:
-            path.rmdir()
-            return
+            return path.rmdir()
         except FileNotFoundError:
-            return
+            return None
         except OSError:
             time.sleep(0.1)
+    return None
 
 
 def _child_argv(args: argparse.Namespace, json_path: str) -> list[str]:
@@ -542,15 +524,6 @@ def format_result(r: dict[str, Any]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def _validate_args(args: argparse.Namespace) -> None:
-    _check_int("--steps", args.steps, 1)
-    _check_int("--warmup", args.warmup, 0)
-    _check_int("--batch-size", args.batch_size, 1)
-    _check_int("--workers", args.workers, 0)
-    if not args.step_ms >= 0:
-        raise OptionError(f"--step-ms must be >= 0. Received: --step-ms {args.step_ms}")
-
-
 def _measure_store(args: argparse.Namespace) -> dict[str, Any]:
     from .dataset import SegmentationDataset
     from .inspect import store_info
@@ -579,9 +552,11 @@ def _measure_store(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_bench_cli(args: argparse.Namespace) -> int:
     """Run ``streamseg bench`` for parsed arguments (see :mod:`streamseg.bench_cli`)."""
-    _validate_args(args)
-    cap = None
-    result = None
+    for name, low in (("steps", 1), ("warmup", 0), ("batch_size", 1), ("workers", 0)):
+        _check_int("--" + name.replace("_", "-"), getattr(args, name), low)
+    if not args.step_ms >= 0:
+        raise OptionError(f"--step-ms must be >= 0. Received: --step-ms {args.step_ms}")
+    cap = result = None
     if args.memory_cap:
         limit = parse_size(args.memory_cap)
         result, cap = _run_capped(args, limit)

@@ -327,9 +327,11 @@ class SegmentationDataset(PyDataset, _DataAdapter):  # type: ignore[misc,valid-t
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # A copy that travelled to another process (e.g. into Keras's own worker pool) produces
+        # its batches inline: a pool inside a pool would only oversubscribe the cores.
         self.__dict__.update(state)
-        self._init_workers({"workers": self._workers, "use_multiprocessing": self._use_multiprocessing,
-                            "max_queue_size": self._max_queue_size, "start_method": None, "keep_alive": 5.0})
+        self._init_workers({"workers": 1, "use_multiprocessing": False, "max_queue_size": 1,
+                            "start_method": None, "keep_alive": 0.0})
 
     def __repr__(self) -> str:
         return (f"SegmentationDataset({self.store!r}, batch_size={self.batch_size_value}, batches={len(self)}, "

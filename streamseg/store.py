@@ -207,7 +207,7 @@ class Store:
             "image_dtype": str(np.dtype(images.dtype)),
             "mask_shape": [int(masks.shape[1]), int(masks.shape[2]), 1],
             "mask_dtype": str(np.dtype(masks.dtype)),
-            "chunk_samples": int(getattr(images, "chunks", (1,))[0] or 1),
+            "chunk_samples": int((getattr(images, "chunks", None) or (1,))[0] or 1),
             "names": list(names) if names is not None else None,
         }
         return self

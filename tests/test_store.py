@@ -111,3 +111,19 @@ def test_from_arrays_rejects_bad_shapes():
         Store.from_arrays(np.zeros((3, 4, 4, 3), np.uint8), np.zeros((2, 4, 4), np.uint8))
     with pytest.raises(OptionError, match="integer labels"):
         Store.from_arrays(np.zeros((3, 4, 4, 3), np.uint8), np.zeros((3, 4, 4), np.float32))
+
+
+def test_from_arrays_h5py(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    from conftest import index_encoded
+
+    images, masks = index_encoded(6)
+    with h5py.File(tmp_path / "d.h5", "w") as fh:
+        fh["x"], fh["y"] = images, masks
+    with h5py.File(tmp_path / "d.h5", "r") as fh:
+        store = Store.from_arrays(fh["x"], fh["y"])
+        got_i, got_m = store.read([5, 2, 5])
+        np.testing.assert_array_equal(got_i, images[[5, 2, 5]])
+        np.testing.assert_array_equal(got_m[..., 0], masks[[5, 2, 5]])
+        with pytest.raises(OptionError, match="h5py"):
+            pickle.dumps(store)
