@@ -91,13 +91,15 @@ class BatchProducer:
         self.options = options
 
     def setup(self) -> None:
-        """Run once in each worker: one OpenCV thread per worker (workers already fill the cores).
+        """Run once in each worker: one OpenCV / Blosc thread per worker (workers fill the cores).
 
         The store needs nothing here: it opens its files lazily in each process.
         """
         import cv2
+        from numcodecs import blosc
 
         cv2.setNumThreads(1)
+        blosc.use_threads = False
 
     def produce(self, task: tuple[int, np.ndarray], out: dict[str, np.ndarray]) -> int:
         """Fill ``out['images'][:n]`` and ``out['masks'][:n]`` for ``task = (epoch, indices)``."""

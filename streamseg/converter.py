@@ -191,6 +191,9 @@ def convert_source(source: FolderSource | ArraySource | SynthSource, dst: str | 
     task = _ChunkTask(source, ChunkSink(dst_path, plan), options)
     bar = Progress(count, f"convert -> {dst_path.name}", mode=progress, unit="pairs")
     bar.update(sum(min(cs, count - k * cs) for k in done))
+    from numcodecs import blosc
+
+    blosc_threads, blosc.use_threads = blosc.use_threads, False  # one core per worker, for all
     try:
         if workers == 1 or len(todo) <= 1:
             for k in todo:
@@ -200,18 +203,36 @@ def convert_source(source: FolderSource | ArraySource | SynthSource, dst: str | 
         else:
             _run_parallel(task, todo, workers, dst_path, bar)
     finally:
+        blosc.use_threads = blosc_threads
         bar.close()
     finalize_store(dst_path, plan)
     return open_store(dst_path)
 
 
+_WORKER_TASK: list[_ChunkTask] = []  # set once per conversion worker by _init_worker
+
+
+def _init_worker(task: _ChunkTask) -> None:
+    """Receive the (large) task once per worker; one thread per worker for Blosc and OpenCV."""
+    import cv2
+    from numcodecs import blosc
+
+    blosc.use_threads = False
+    cv2.setNumThreads(1)
+    _WORKER_TASK[:] = [task]
+
+
+def _run_chunk(k: int) -> dict[str, Any]:
+    return _WORKER_TASK[0](k)
+
+
 def _run_parallel(task: _ChunkTask, todo: list[int], workers: int, dst: Path, bar: Progress) -> None:
     pending: set[Future] = set()
     queue = iter(todo)
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(task,)) as pool:
         try:
             for k in queue:
-                pending.add(pool.submit(task, k))
+                pending.add(pool.submit(_run_chunk, k))
                 if len(pending) >= 2 * workers:
                     break
             while pending:
@@ -222,7 +243,7 @@ def _run_parallel(task: _ChunkTask, todo: list[int], workers: int, dst: Path, ba
                     bar.update(record["n"])
                     nxt = next(queue, None)
                     if nxt is not None:
-                        pending.add(pool.submit(task, nxt))
+                        pending.add(pool.submit(_run_chunk, nxt))
         except BaseException:
             for fut in pending:
                 fut.cancel()
