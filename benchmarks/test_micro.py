@@ -56,7 +56,7 @@ def test_zarr_per_sample_arr_i(benchmark, stores):
     benchmark.group = f"store.read batch of {B} (uniform)"
 
     def read():
-        idx = rng.choice(len(images), B, replace=False)
+        idx = rng.choice(images.shape[0], B, replace=False)
         return [(images[int(i)], masks[int(i)]) for i in idx]
 
     benchmark(read)

@@ -91,14 +91,14 @@ class BatchProducer:
         self.options = options
 
     def setup(self) -> None:
-        """Run once in each worker: one OpenCV / Blosc thread per worker (workers fill the cores).
+        """Run once in each worker: Blosc decodes with one thread (the workers fill the cores).
 
-        The store needs nothing here: it opens its files lazily in each process.
+        The store needs nothing here: it opens its files lazily in each process.  OpenCV's
+        thread count is left alone: ``cv2.setNumThreads`` deadlocks in a forked child whose
+        parent had used OpenCV's thread pool.
         """
-        import cv2
         from numcodecs import blosc
 
-        cv2.setNumThreads(1)
         blosc.use_threads = False
 
     def produce(self, task: tuple[int, np.ndarray], out: dict[str, np.ndarray]) -> int:

@@ -21,7 +21,8 @@ __all__ = ["main", "build_parser"]
 def _add_convert_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["zarr", "memmap"], default="zarr", help="store backend (default zarr)")
     p.add_argument("--chunk-samples", type=int, default=None, help="samples per chunk (default ~2 MiB)")
-    p.add_argument("--compressor", choices=["zstd", "lz4", "none"], default="zstd")
+    p.add_argument("--compressor", choices=["lz4", "zstd", "none"], default="lz4",
+                   help="Blosc codec (default lz4: fastest to decode; zstd: smaller)")
     p.add_argument("--workers", type=int, default=1, help="processes that decode and write (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.add_argument("--resume", action="store_true", help="finish an interrupted conversion")
