@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -80,22 +81,38 @@ class _ZarrChunkReader:
         self._tail = "/".join("0" for _ in self.shape[1:])
         self._zarr_array: Any = None
         self.chunk_nbytes = int(np.prod(self.chunk_shape)) * self.dtype.itemsize
+        self._scratch = threading.local()  # per-thread reusable buffers: no page faults per read
 
     def chunk_path(self, k: int) -> Path:
         return self.root / self.name / "c" / str(k) / self._tail
 
-    def read_raw(self, k: int) -> bytes:
+    def read_raw(self, k: int, *, reuse: bool = False) -> bytes | memoryview:
+        """Bytes of chunk file ``k``; with ``reuse`` a view of a per-thread buffer."""
         path = self.chunk_path(k)
         try:
-            return path.read_bytes()
+            if not reuse:
+                return path.read_bytes()
+            with open(path, "rb", buffering=0) as fh:
+                size = os.fstat(fh.fileno()).st_size
+                buf = getattr(self._scratch, "raw", None)
+                if buf is None or len(buf) < size:
+                    buf = self._scratch.raw = bytearray(max(size, self.chunk_nbytes // 2))
+                view = memoryview(buf)[:size]
+                got = fh.readinto(view)
+                return view[:got]
         except FileNotFoundError:
             raise CorruptChunkError(
                 f"Chunk {k} of '{self.name}' is missing ({path}); the store is damaged: "
                 "run `streamseg verify` and re-convert."
             ) from None
 
-    def decode(self, raw: bytes, k: int) -> np.ndarray:
-        out = np.empty(self.chunk_shape, dtype=self.dtype.newbyteorder("<"))
+    def decode(self, raw: bytes | memoryview, k: int, *, reuse: bool = False) -> np.ndarray:
+        """Decode chunk ``k``; with ``reuse`` into a per-thread buffer (valid until the next call)."""
+        out = getattr(self._scratch, "chunk", None) if reuse else None
+        if out is None:
+            out = np.empty(self.chunk_shape, dtype=self.dtype.newbyteorder("<"))
+            if reuse:
+                self._scratch.chunk = out
         try:
             if self._blosc:
                 from numcodecs import blosc
@@ -112,9 +129,10 @@ class _ZarrChunkReader:
             ) from None
         return out
 
-    def read_chunk(self, k: int) -> np.ndarray:
+    def read_chunk(self, k: int, *, reuse: bool = False) -> np.ndarray:
+        """Decoded chunk ``k``; with ``reuse`` the array is overwritten by the next call."""
         if self._direct:
-            return self.decode(self.read_raw(k), k)
+            return self.decode(self.read_raw(k, reuse=reuse), k, reuse=reuse)
         if self._zarr_array is None:
             import zarr
 
@@ -359,13 +377,22 @@ class Store:
             masks[order] = self._array("masks")[sorted_idx]
             return
         csize = self.chunk_samples
-        chunk_of = idx // csize
-        for k in np.unique(chunk_of):
-            sel = np.nonzero(chunk_of == k)[0]
-            local = idx[sel] - k * csize
+        order = np.argsort(idx, kind="stable")
+        sorted_idx = idx[order]
+        chunk_of = sorted_idx // csize
+        starts = np.concatenate(([0], np.flatnonzero(np.diff(chunk_of)) + 1, [idx.size]))
+        for a, b in zip(starts[:-1], starts[1:]):
+            k = int(chunk_of[a])
+            pos, local = order[a:b], sorted_idx[a:b] - k * csize
+            run = b - a
+            contiguous = (pos[-1] - pos[0] == run - 1 and local[-1] - local[0] == run - 1
+                          and (run == 1 or (np.all(np.diff(pos) == 1) and np.all(np.diff(local) == 1))))
             for name, out in (("images", images), ("masks", masks)):
-                chunk = self.chunk_reader(name).read_chunk(int(k))
-                out[sel] = chunk[local].reshape((sel.size,) + out.shape[1:])
+                chunk = self.chunk_reader(name).read_chunk(k, reuse=True)
+                if contiguous:  # one memcpy, no temporary
+                    out[pos[0] : pos[0] + run] = chunk[local[0] : local[0] + run].reshape((run,) + out.shape[1:])
+                else:
+                    out[pos] = chunk[local].reshape((run,) + out.shape[1:])
 
     def _read_arrays(self, idx: np.ndarray, images: np.ndarray, masks: np.ndarray) -> None:
         src_i, src_m = self._arrays  # type: ignore[misc]
