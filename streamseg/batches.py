@@ -17,7 +17,7 @@ import numpy as np
 from .errors import LabelError, OptionError, truncate
 from .store import Store
 
-__all__ = ["BatchOptions", "epoch_order", "sample_rng", "BatchProducer", "SHUFFLE_MODES",
+__all__ = ["BatchOptions", "epoch_order", "normalize_into", "sample_rng", "BatchProducer", "SHUFFLE_MODES",
            "MASK_MODES", "NORMALIZE_MODES"]
 
 SHUFFLE_MODES = ("window", "uniform", "none")
@@ -55,6 +55,25 @@ def epoch_order(indices: np.ndarray, *, seed: int, epoch: int, mode: str, chunk_
     window = chunk_rank[inverse] // max(1, window_chunks)
     jitter = rng.random(indices.size)
     return indices[np.lexsort((jitter, window))]
+
+
+def normalize_into(src: np.ndarray, dst: np.ndarray, offset: np.ndarray, scale: np.ndarray) -> None:
+    """``dst[...] = (src - offset) * scale`` per channel, in float32, without slow broadcasts.
+
+    ``dst`` is C-contiguous with channels last.  Uniform offsets/scales use scalars; per-channel
+    ones are tiled along a whole image row, so NumPy's inner loops stay long (a length-3 inner
+    loop is ~10x slower on a 32x256x256x3 batch).
+    """
+    np.copyto(dst, src, casting="unsafe")
+    c = dst.shape[-1]
+    rows = dst.reshape(-1, dst.shape[-2] * c) if dst.ndim >= 2 else dst.reshape(1, -1)
+    for vec, op in ((offset, np.subtract), (scale, np.multiply)):
+        if np.all(vec == vec.flat[0]):
+            value = np.float32(vec.flat[0])
+            if value != (0.0 if op is np.subtract else 1.0):
+                op(rows, value, out=rows)
+        else:
+            op(rows, np.tile(vec.astype(np.float32), rows.shape[1] // c), out=rows)
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -111,16 +130,14 @@ class BatchProducer:
         images, masks = out["images"], out["masks"]
         aug = opts.augment
         if aug is None:
-            np.subtract(raw_images, opts.image_offset, out=images[:n], dtype=np.float32, casting="unsafe")
-            np.multiply(images[:n], opts.image_scale, out=images[:n])
+            normalize_into(raw_images, images[:n], opts.image_offset, opts.image_scale)
             label_src = raw_masks
         else:
             label_src = np.empty_like(raw_masks)
             for j in range(n):
                 img, msk = aug(raw_images[j], raw_masks[j], sample_rng(opts.seed, epoch, idx[j]),
                                value_range=opts.value_range)
-                np.subtract(img, opts.image_offset, out=images[j])
-                np.multiply(images[j], opts.image_scale, out=images[j])
+                normalize_into(img, images[j], opts.image_offset, opts.image_scale)
                 label_src[j] = msk
         self._encode_masks(label_src, masks[:n])
         return n
