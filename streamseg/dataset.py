@@ -112,11 +112,12 @@ class SegmentationDataset(PyDataset, _DataAdapter):  # type: ignore[misc,valid-t
     window_chunks : int, optional
         Window width for ``shuffle="window"`` (default: enough chunks for two batches).
     workers : int
-        Worker processes (or threads) producing batches.
+        Worker processes (or threads) producing batches ahead of the training loop; 0 makes
+        batches in the calling thread.
     use_multiprocessing : bool
         Processes with shared-memory handover instead of threads.
     max_queue_size : int
-        Batches produced ahead.
+        Batches produced ahead (at most ``2 * workers``).
     start_method : {"fork", "forkserver", "spawn"} or None
         Multiprocessing start method (default: the platform's).
     keep_alive : float
@@ -330,7 +331,7 @@ class SegmentationDataset(PyDataset, _DataAdapter):  # type: ignore[misc,valid-t
         # A copy that travelled to another process (e.g. into Keras's own worker pool) produces
         # its batches inline: a pool inside a pool would only oversubscribe the cores.
         self.__dict__.update(state)
-        self._init_workers({"workers": 1, "use_multiprocessing": False, "max_queue_size": 1,
+        self._init_workers({"workers": 0, "use_multiprocessing": False, "max_queue_size": 1,
                             "start_method": None, "keep_alive": 0.0})
 
     def __repr__(self) -> str:
@@ -366,8 +367,10 @@ class SegmentationDataset(PyDataset, _DataAdapter):  # type: ignore[misc,valid-t
         """A ``tf.data.Dataset`` over one epoch per iteration (epoch taken when it starts)."""
         import tensorflow as tf
 
-        ds = tf.data.Dataset.from_generator(lambda: iter(self), output_signature=self.element_spec())
-        return ds.prefetch(2)
+        # No tf.data prefetch: our workers already produce ahead, and a prefetch thread that is
+        # inside this Python generator when the iterator is destroyed (fit with steps_per_epoch,
+        # an exception) deadlocks: the destructor holds the GIL while it waits for that thread.
+        return tf.data.Dataset.from_generator(lambda: iter(self), output_signature=self.element_spec())
 
     def to_tf_dataset(self) -> Any:
         """A prefetching ``tf.data.Dataset`` yielding this dataset's batches, one epoch per pass.

@@ -31,11 +31,13 @@ class Feeder:
     slots : dict
         ``name -> (shape, dtype)`` of one batch (shape includes the batch dimension).
     workers : int
-        Worker count; ``workers <= 1`` without multiprocessing produces inline.
+        Worker count: processes with ``use_multiprocessing``, else threads; 0 produces
+        inline, in the calling thread.
     use_multiprocessing : bool
         Processes (shared-memory handover) instead of threads.
     max_queue_size : int
-        Batches produced ahead of the one asked for.
+        Batches produced ahead of the one asked for, at most ``2 * workers`` (more only
+        costs memory: each batch slot holds a whole float32 batch).
     start_method : str or None
         ``"fork"``, ``"forkserver"``, ``"spawn"`` or None for the platform default.
     keep_alive : float
@@ -49,7 +51,7 @@ class Feeder:
         self.slots = slots
         self.workers = workers
         self.use_multiprocessing = use_multiprocessing
-        self.ahead = max(1, max_queue_size)
+        self.ahead = max(1, min(max_queue_size, 2 * max(1, workers)))
         self.start_method = start_method
         self.keep_alive = keep_alive
         self._pool: BatchPool | None = None
@@ -59,7 +61,7 @@ class Feeder:
     @property
     def inline(self) -> bool:
         """True when batches are produced in the calling thread."""
-        return self.workers <= 1 and not self.use_multiprocessing
+        return self.workers <= 0 and not self.use_multiprocessing
 
     @property
     def pool(self) -> BatchPool | None:

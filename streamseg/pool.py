@@ -27,7 +27,7 @@ from typing import Any, Hashable, Mapping, Protocol
 
 import numpy as np
 
-from .errors import OptionError, WorkerDiedError, WorkerError
+from .errors import OptionError, StreamsegError, WorkerDiedError, WorkerError
 
 __all__ = ["BatchPool", "Producer"]
 
@@ -99,7 +99,12 @@ def _produce(producer: Any, setup: _Once, out: dict[str, np.ndarray], rows: int,
                              f"[0, {rows}]; got {n!r}")
         return ("done", ticket, int(n))
     except Exception as exc:  # noqa: BLE001 - reported to the caller of result()
-        return ("error", ticket, (type(exc).__name__, str(exc), traceback.format_exc()))
+        try:  # the exception itself travels when it can, so callers can catch its type
+            blob = pickle.dumps(exc)
+            pickle.loads(blob)
+        except Exception:  # noqa: BLE001
+            blob = None
+        return ("error", ticket, (type(exc).__name__, str(exc), traceback.format_exc(), blob))
 
 
 def _process_worker(producer: Any, shm_name: str, fields: Fields, stride: int, num_slots: int,
@@ -437,9 +442,14 @@ class BatchPool:
                 raise TimeoutError(f"result for key {key!r} not ready after {timeout} s")
         del self._pending[key]
         if entry.state == "failed":
-            kind, message, trace = entry.error
+            kind, message, trace, blob = entry.error
+            original = pickle.loads(blob) if blob is not None else None
+            if isinstance(original, StreamsegError):  # our own errors keep their type
+                original.add_note(f"Raised in a worker while producing key {key!r}. "
+                                  f"Worker traceback:\n{trace.rstrip()}")
+                raise original
             raise WorkerError(f"producing key {key!r} failed in a worker: {kind}: {message}"
-                              f"\n\nWorker traceback:\n{trace.rstrip()}")
+                              f"\n\nWorker traceback:\n{trace.rstrip()}") from original
         return entry.data if entry.data is not None else self._copy(entry)
 
     def pending(self) -> set:

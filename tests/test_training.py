@@ -60,6 +60,19 @@ def test_fit_two_epochs_with_worker_processes(synth_store):
     train.close()
 
 
+def test_fit_stopping_mid_epoch_does_not_hang(synth_store):
+    """steps_per_epoch < len(ds): tf.data drops the iterator while batches are still coming."""
+    from streamseg.models import small_unet
+
+    for workers, mp in ((2, True), (1, False), (0, False)):
+        ds = SegmentationDataset(synth_store, 4, augment="light", workers=workers, use_multiprocessing=mp)
+        model = small_unet((32, 32, 3), ds.num_classes, base_filters=4)
+        with ds:
+            history = model.fit(ds, epochs=2, steps_per_epoch=3, verbose=0)
+        assert len(history.history["loss"]) == 2
+    assert wait_no_workers() == []
+
+
 def test_worker_exception_reaches_fit(tmp_path):
     from streamseg.models import small_unet
 
@@ -83,6 +96,9 @@ def test_dead_worker_raises_quickly(synth_store):
     ds[0]
     victim = ds._feeder.pool.pids[0]
     os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while psutil.Process(victim).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.01)  # dead, not yet reaped: the pool must notice on the next request
     with pytest.raises(WorkerDiedError, match=f"{victim}.*SIGKILL"):
         for i in range(1, len(ds)):
             ds[i]
