@@ -367,10 +367,15 @@ class SegmentationDataset(PyDataset, _DataAdapter):  # type: ignore[misc,valid-t
         """A ``tf.data.Dataset`` over one epoch per iteration (epoch taken when it starts)."""
         import tensorflow as tf
 
-        # No tf.data prefetch: our workers already produce ahead, and a prefetch thread that is
-        # inside this Python generator when the iterator is destroyed (fit with steps_per_epoch,
-        # an exception) deadlocks: the destructor holds the GIL while it waits for that thread.
-        return tf.data.Dataset.from_generator(lambda: iter(self), output_signature=self.element_spec())
+        # No tf.data prefetch (not even the one tf.data injects by itself): our workers already
+        # produce ahead, and a prefetch thread that is inside this Python generator when the
+        # iterator is destroyed (fit with steps_per_epoch, an exception) deadlocks: the
+        # destructor holds the GIL while it waits for that thread.
+        ds = tf.data.Dataset.from_generator(lambda: iter(self), output_signature=self.element_spec())
+        options = tf.data.Options()
+        options.autotune.enabled = False
+        options.experimental_optimization.inject_prefetch = False
+        return ds.with_options(options)
 
     def to_tf_dataset(self) -> Any:
         """A prefetching ``tf.data.Dataset`` yielding this dataset's batches, one epoch per pass.

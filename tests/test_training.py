@@ -73,6 +73,32 @@ def test_fit_stopping_mid_epoch_does_not_hang(synth_store):
     assert wait_no_workers() == []
 
 
+class SlowArray:
+    """An array-like whose reads take a while, like a cold disk."""
+
+    def __init__(self, data: np.ndarray, delay: float) -> None:
+        self.data, self.delay = data, delay
+        self.shape, self.dtype = data.shape, data.dtype
+
+    def __getitem__(self, i):
+        time.sleep(self.delay)
+        return self.data[i]
+
+
+def test_fit_ends_while_a_batch_is_still_being_read():
+    """tf.data must not tear down its iterator while a thread waits inside our generator."""
+    from streamseg import Store
+    from streamseg.models import small_unet
+
+    images = np.zeros((64, 16, 16, 3), np.uint8)
+    masks = np.zeros((64, 16, 16), np.uint8)
+    store = Store.from_arrays(SlowArray(images, 0.1), masks)
+    ds = SegmentationDataset(store, 4, workers=0, num_classes=2)
+    model = small_unet((16, 16, 3), 2, base_filters=4)
+    history = model.fit(ds, epochs=1, steps_per_epoch=1, verbose=0)
+    assert len(history.history["loss"]) == 1
+
+
 def test_worker_exception_reaches_fit(tmp_path):
     from streamseg.models import small_unet
 
