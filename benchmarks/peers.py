@@ -32,7 +32,8 @@ Peers (what streamseg is compared against):
    private thread pool size.
 4. ``tfdata_generator``: ``tf.data.Dataset.from_generator`` over the memmap store (``np.load``
    with ``mmap_mode="r"``), OpenCV augmentation in the generator; "workers" generators each
-   read a disjoint part of the epoch's order, interleaved in parallel.
+   read a disjoint part of the epoch's order, interleaved with ``num_parallel_calls=workers``
+   (no private thread pool: nested generator calls deadlock in one of ``workers`` threads).
 
 Then streamseg itself: ``streamseg_zarr`` and ``streamseg_memmap`` (SegmentationDataset with
 ``augment="standard"``, window shuffle, worker processes).
@@ -280,6 +281,7 @@ def _tf_augment(image: Any, mask: Any, seed: Any) -> tuple[Any, Any]:
 
 
 def _threading(ds: Any, workers: int) -> Any:
+    """Cap tf.data's threads at ``workers`` (a private thread pool)."""
     import tensorflow as tf
 
     opts = tf.data.Options()
@@ -343,7 +345,9 @@ def generator_dataset(store: str | os.PathLike, batch_size: int = 32, seed: int 
         lambda k: tf.data.Dataset.from_generator(gen, args=(k,), output_signature=sig),
         cycle_length=workers, num_parallel_calls=workers, deterministic=False)
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return _threading(ds.apply(tf.data.experimental.assert_cardinality(meta["count"] // batch_size)), workers)
+    # No private thread pool here: generators run as nested py_funcs, which deadlock when the
+    # interleave's calls hold every thread of a pool of ``workers`` threads.
+    return ds.apply(tf.data.experimental.assert_cardinality(meta["count"] // batch_size))
 
 
 # ---------------------------------------------------------------------------------- factory

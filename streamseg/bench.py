@@ -11,7 +11,7 @@ a warm-up, from the end of the last warm-up step to the end of the last measured
   pipeline can be judged without one) compute is ``steps * step_ms`` by construction and
   ``stall = 1 - steps * step_ms / wall``.  With a real model (the small U-Net, or yours), compute
   is measured first by fitting the same model on one cached in-memory batch (same loop, same
-  callback, up to 20 steps) and ``stall = 1 - compute / wall``.  Clipped to [0, 1].  With
+  callback, median of up to 20 steps) and ``stall = 1 - compute / wall``.  Clipped to [0, 1].  With
   ``step_ms=0`` the stall is 1 by definition: samples/s is then the pipeline's raw capacity;
 - **memory** peaks through the run (:class:`streamseg.memory.MemorySampler`): main USS, RssAnon
   and RssFile (file-backed pages such as memory-mapped store files, which the kernel can drop)
@@ -19,8 +19,8 @@ a warm-up, from the end of the last warm-up step to the end of the last measured
   + workers' PSS, and ``tree_anon_pss`` = Pss_Anon + Pss_Shmem summed over main and workers, i.e.
   memory that is neither file-backed nor double-counted after ``fork`` (main USS alone drops
   after a fork, because pages shared copy-on-write with workers are no longer unique);
-- **CPU** utilisation of the machine, and **GPU** utilisation and memory through NVML when a
-  GPU is there, else the string ``"n/a"``.
+- **CPU** utilisation of the machine, and **GPU** utilisation and (device-wide) memory used
+  through NVML when a GPU is there, else the string ``"n/a"``.
 
 ``streamseg bench STORE`` wraps this for a store, optionally in a child process under a memory
 cap (cgroup v2 or ``systemd-run``), reported as applied or not with the reason.
@@ -84,9 +84,10 @@ def simulated_accelerator(step_ms: float) -> Any:
     import tensorflow as tf
 
     seconds = float(step_ms) / 1000.0
+    switch = {"on": True}  # measure_fit turns the sleep off for the unmeasured end of the last epoch
 
     def _sleep(x: np.ndarray, y: np.ndarray) -> np.float32:
-        if seconds > 0:
+        if seconds > 0 and switch["on"]:
             time.sleep(seconds)
         return np.float32(0.0)
 
@@ -102,14 +103,15 @@ def simulated_accelerator(step_ms: float) -> Any:
 
     model = SimulatedAccelerator(name="simulated_accelerator")
     model.compile()
+    model.sleep_switch = switch
     return model
 
 
-def _timer_callback(warmup: int, steps: int) -> Any:
+def _timer_callback(warmup: int, steps: int, stop: bool) -> Any:
     import keras
 
     class StepTimer(keras.callbacks.Callback):
-        """Timestamps every step; stops training after ``warmup + steps`` steps."""
+        """Timestamps the steps after the warm-up; turns the simulated compute off after them."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -123,17 +125,17 @@ def _timer_callback(warmup: int, steps: int) -> Any:
             self.t0 = self._mark() if warmup == 0 else None
 
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-            for value in (logs or {}).values():  # wait for the step itself (async devices)
-                np.asarray(value)
-                break
+            if logs:  # wait for the step itself (asynchronous devices)
+                np.asarray(next(iter(logs.values())))
             self.done += 1
             if self.done == warmup:
                 self.t0 = self._mark()
-            elif self.done > warmup:
+            elif warmup < self.done <= warmup + steps:
                 self.times.append(time.perf_counter())
-            if self.done >= warmup + steps:
+            if self.done == warmup + steps:
                 self.cpu.append(psutil.cpu_times())
-                self.model.stop_training = True
+                getattr(self.model, "sleep_switch", {})["on"] = False
+                self.model.stop_training = stop
 
     return StepTimer()
 
@@ -175,10 +177,8 @@ class _TreeSampler(MemorySampler):
     def _take(self) -> None:
         snap = memory_snapshot(self._proc)
         main = _smaps_rollup(self._proc.pid)
-        anon = main.get("Pss_Anon", 0) + main.get("Pss_Shmem", 0)
-        for child in self._proc.children(recursive=True):
-            kids = _smaps_rollup(child.pid)
-            anon += kids.get("Pss_Anon", 0) + kids.get("Pss_Shmem", 0)
+        kids = [_smaps_rollup(c.pid) for c in self._proc.children(recursive=True)]
+        anon = sum(r.get("Pss_Anon", 0) + r.get("Pss_Shmem", 0) for r in [main, *kids])
         snap.update(pss=main.get("Pss", 0), private=snap["uss"] + snap["children_pss"],
                     tree_pss=main.get("Pss", 0) + snap["children_pss"], tree_anon_pss=anon)
         for k, v in snap.items():
@@ -187,16 +187,8 @@ class _TreeSampler(MemorySampler):
 
 
 def _smaps_rollup(pid: int) -> dict[str, int]:
-    out: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as fh:
-            for line in fh:
-                parts = line.split()
-                if len(parts) == 3 and parts[2] == "kB":
-                    out[parts[0].rstrip(":")] = int(parts[1]) * 1024
-    except OSError:
-        pass
-    return out
+    rows = (line.split() for line in _read(f"/proc/{pid}/smaps_rollup").splitlines())
+    return {r[0].rstrip(":"): int(r[1]) * 1024 for r in rows if len(r) == 3 and r[2] == "kB"}
 
 
 class _GpuSampler(threading.Thread):
@@ -259,13 +251,18 @@ def _check_int(name: str, value: Any, low: int) -> int:
     return int(value)
 
 
-def _run_fit(model: Any, dataset: Any, warmup: int, steps: int, n_batches: int | None) -> Any:
-    timer = _timer_callback(warmup, steps)
+def _run_fit(model: Any, dataset: Any, warmup: int, steps: int, n_batches: int | None,
+             finish_epoch: bool = True) -> Any:
+    """Fit until ``warmup + steps`` steps are timed, then stop, or with ``finish_epoch`` let the
+    last epoch end untimed (the simulated accelerator no longer sleeps then)."""
+    timer = _timer_callback(warmup, steps, stop=not finish_epoch)
     total = warmup + steps
-    if n_batches:  # whole epochs (real epoch boundaries), stopped by the callback
-        model.fit(dataset, epochs=-(-total // n_batches) + 1, shuffle=False, verbose=0, callbacks=[timer])
+    if n_batches:
+        model.fit(dataset, epochs=-(-total // n_batches), shuffle=False, verbose=0, callbacks=[timer])
     else:  # unknown length: one epoch of exactly the steps needed
         model.fit(dataset, epochs=1, steps_per_epoch=total, shuffle=False, verbose=0, callbacks=[timer])
+    if hasattr(model, "sleep_switch"):
+        model.sleep_switch["on"] = True
     if timer.done < total or timer.t0 is None:
         raise OptionError(f"The dataset ran out after {timer.done} of {total} steps; give a longer or "
                           f"repeating dataset, or fewer steps. Received: warmup={warmup}, steps={steps}")
@@ -274,15 +271,15 @@ def _run_fit(model: Any, dataset: Any, warmup: int, steps: int, n_batches: int |
 
 def measure_fit(dataset: Any, *, model: Any = "simulated", step_ms: float = 20.0, steps: int = 50,
                 warmup: int = 5, batch_size: int | None = None, input_shape: tuple[int, int, int] | None = None,
-                num_classes: int | None = None, mask_mode: str = "sparse",
-                sample_interval: float = 0.5) -> dict[str, Any]:
+                num_classes: int | None = None, mask_mode: str = "sparse", sample_interval: float = 0.5,
+                finish_epoch: bool | None = None) -> dict[str, Any]:
     """Measure ``model.fit`` on ``dataset`` after a warm-up (see the module docstring).
 
     Parameters
     ----------
     dataset : SegmentationDataset, keras.utils.PyDataset or tf.data.Dataset
-        Yields ``(images, masks)`` batches.  Finite datasets are fitted for whole epochs until
-        ``warmup + steps`` steps are done (epoch boundaries included, as in training).
+        Yields ``(images, masks)`` batches.  A dataset of known length is fitted epoch after
+        epoch (boundaries included, as in training) until ``warmup + steps`` steps are timed.
     model : {"simulated", "unet"} or keras.Model
         ``"simulated"``: :func:`simulated_accelerator` (``step_ms`` per batch).  ``"unet"``:
         :func:`streamseg.models.small_unet`.  A compiled ``keras.Model`` is used as given.
@@ -291,11 +288,18 @@ def measure_fit(dataset: Any, *, model: Any = "simulated", step_ms: float = 20.0
     steps, warmup : int
         Measured steps and steps before measuring.
     batch_size : int, optional
-        Samples per batch (default: the dataset's ``batch_size`` or its static batch dimension).
+        Samples per batch (default: the dataset's ``batch_size``, its static batch dimension,
+        or the size of its first batch).
     input_shape, num_classes, mask_mode
         For the U-Net (default: from a SegmentationDataset, or from the first batch).
     sample_interval : float
         Seconds between memory samples.
+    finish_epoch : bool, optional
+        Let the last epoch run to its end, untimed, instead of stopping after the measured
+        steps.  An iterator abandoned mid-epoch can hang when it is destroyed while its threads
+        are inside a Python generator (``tf.data.Dataset.from_generator`` with prefetching or
+        parallel interleave), possibly only at interpreter exit.  Default: True for the
+        simulated accelerator (the rest costs no compute) and for ``tf.data`` datasets.
 
     Returns
     -------
@@ -304,12 +308,12 @@ def measure_fit(dataset: Any, *, model: Any = "simulated", step_ms: float = 20.0
         ``compute_source``, ``step_ms_p50``/``p95``/``max``, ``cpu_percent``, ``memory`` (peak
         bytes), GPU fields (``"n/a"`` without a GPU) and the settings.
     """
+    import tensorflow as tf
+
     steps, warmup = _check_int("steps", steps, 1), _check_int("warmup", warmup, 0)
     if isinstance(step_ms, bool) or not isinstance(step_ms, (int, float)) or not 0 <= step_ms < 1e7:
         raise OptionError(f"step_ms must be a number >= 0. Received: step_ms={truncate(step_ms)}")
-    batch_size = batch_size or _infer_batch_size(dataset)
-    if batch_size is None:
-        raise OptionError("Cannot tell the batch size of this dataset; pass batch_size=. Received: None")
+    batch_size = batch_size or _infer_batch_size(dataset) or len(_first_batch(dataset)[0])
     n_batches = _num_batches(dataset)
     compute_s: float | None = None
     if isinstance(model, str) and model == "simulated":
@@ -328,24 +332,24 @@ def measure_fit(dataset: Any, *, model: Any = "simulated", step_ms: float = 20.0
         raise OptionError(f"model must be 'simulated', 'unet' or a compiled keras.Model. Received: {truncate(model)}")
     calibration = None
     if compute_s is None:  # measured compute: the same fit loop on one cached in-memory batch
-        import tensorflow as tf
-
         x, y = batch if kind == "unet" else _first_batch(dataset)
         cal_steps = min(steps, _CALIBRATION_STEPS)
         cached = tf.data.Dataset.from_tensors((x, y)).repeat()
-        cal = _run_fit(keras_model, cached, max(2, warmup), cal_steps, None)
-        calibration = (cal.times[-1] - cal.t0) / cal_steps
+        cal = _run_fit(keras_model, cached, max(2, warmup), cal_steps, None, finish_epoch=False)
+        calibration = float(np.median(np.diff([cal.t0] + cal.times)))  # robust to a stray slow step
         compute_s = calibration * steps
+    if finish_epoch is None:
+        finish_epoch = kind == "simulated" or isinstance(dataset, tf.data.Dataset)
     gpu, sampler = _GpuSampler().begin(), _TreeSampler(sample_interval).start()
     try:
-        timer = _run_fit(keras_model, dataset, warmup, steps, n_batches)
+        timer = _run_fit(keras_model, dataset, warmup, steps, n_batches, bool(finish_epoch))
     finally:
         mem, gpu_out = sampler.stop(), gpu.finish()
     wall = timer.times[-1] - timer.t0
     steps_s = np.diff(np.array([timer.t0] + timer.times)) * 1000.0
     c0, c1 = timer.cpu[0], timer.cpu[-1]
-    total_cpu = sum(c1) - sum(c0)
-    idle = (c1.idle - c0.idle) + (getattr(c1, "iowait", 0.0) - getattr(c0, "iowait", 0.0))
+    delta = {k: getattr(c1, k) - getattr(c0, k) for k in c1._fields if not k.startswith("guest")}  # guest is in user
+    total_cpu, idle = sum(delta.values()), delta["idle"] + delta.get("iowait", 0.0)
     peak = mem["peak"]
     names = {"main_uss": "uss", "main_rss": "rss", "main_rss_anon": "rss_anon", "main_rss_file": "rss_file",
              "main_pss": "pss", "workers_pss": "children_pss", "workers": "children", "private": "private",
@@ -355,12 +359,12 @@ def measure_fit(dataset: Any, *, model: Any = "simulated", step_ms: float = 20.0
         "warmup": warmup, "steps": steps, "batch_size": int(batch_size), "batches_per_epoch": n_batches,
         "wall_s": wall, "compute_s": compute_s,
         "compute_source": "nominal: steps * step_ms" if kind == "simulated"
-        else f"measured: fit on one cached batch, {calibration * 1000.0:.2f} ms/step",
+        else f"measured: fit on one cached batch, median {calibration * 1000.0:.2f} ms/step",
         "samples_per_s": steps * batch_size / wall, "batches_per_s": steps / wall,
         "stall_fraction": float(min(1.0, max(0.0, 1.0 - compute_s / wall))),
         "step_ms_p50": float(np.percentile(steps_s, 50)), "step_ms_p95": float(np.percentile(steps_s, 95)),
         "step_ms_max": float(steps_s.max()),
-        "cpu_percent": 100.0 * (total_cpu - idle) / total_cpu if total_cpu > 0 else 0.0,
+        "cpu_percent": min(100.0, max(0.0, 100.0 * (total_cpu - idle) / total_cpu)) if total_cpu > 0 else 0.0,
         "cpu_count": psutil.cpu_count() or 1,
         "memory": {**{k: int(peak.get(v, 0)) for k, v in names.items()}, "samples": mem["samples"]},
         **gpu_out,
@@ -448,10 +452,9 @@ def _run_capped(args: argparse.Namespace, limit: int) -> tuple[dict[str, Any] | 
         argv, env = _child_argv(args, out), {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
         group, why = cgroup_v2_prepare(limit)
         if group is not None:
-            procs = group / "cgroup.procs"
-            try:
-                proc = subprocess.run(argv, env=env, capture_output=True, text=True,
-                                      preexec_fn=lambda: procs.write_text(str(os.getpid())))
+            enter = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(group / "cgroup.procs")]
+            try:  # the shell joins the cgroup, then becomes the measurement (no preexec_fn with threads)
+                proc = subprocess.run(enter + argv, env=env, capture_output=True, text=True)
                 events = _read(group / "memory.events")
                 cap.update(applied=True, how=f"cgroup v2 {group} memory.max={limit}")
                 cap["oom_kills"] = next((int(line.split()[1]) for line in events.splitlines()

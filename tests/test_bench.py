@@ -1,0 +1,174 @@
+"""``streamseg bench`` and :func:`streamseg.bench.measure_fit`: fields, definitions, memory cap."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streamseg import OptionError
+from streamseg.bench import cgroup_v2_prepare, measure_fit, parse_size
+from streamseg.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def gpu_present() -> bool:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return pynvml.nvmlDeviceGetCount() > 0
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory):
+    from streamseg.converter import convert_source
+    from streamseg.sources import SynthSource
+
+    dst = tmp_path_factory.mktemp("bench") / "tiny.zarr"
+    convert_source(SynthSource(24, size=(32, 32), classes=3), dst, chunk_samples=4, progress=False)
+    return dst
+
+
+def bench_json(store: Path, tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / "bench.json"
+    rc = main(["bench", str(store), "--steps", "3", "--warmup", "1", "--step-ms", "5", "--batch-size", "4",
+               "--json", str(out), *extra])
+    assert rc == 0
+    return json.loads(out.read_text())
+
+
+def check_common(r: dict, steps: int = 3, batch: int = 4) -> None:
+    assert r["steps"] == steps and r["batch_size"] == batch
+    assert r["samples_per_s"] > 0 and r["batches_per_s"] > 0 and r["wall_s"] > 0
+    assert r["samples_per_s"] == pytest.approx(r["batches_per_s"] * batch)
+    assert 0.0 <= r["stall_fraction"] <= 1.0
+    assert 0.0 <= r["cpu_percent"] <= 100.0
+    mem = r["memory"]
+    for key in ("main_uss", "main_rss", "main_rss_anon", "main_rss_file", "main_pss", "private", "tree_pss",
+                "tree_anon_pss"):
+        assert isinstance(mem[key], int) and mem[key] > 0, key
+    assert isinstance(mem["workers_pss"], int) and mem["workers_pss"] >= 0
+    assert mem["private"] >= mem["main_uss"]
+    if not gpu_present():
+        for key in ("gpu_util_percent", "gpu_memory_peak_bytes", "gpu_name", "gpu_count"):
+            assert r[key] == "n/a", key
+
+
+def test_bench_cli_json_fields(tiny_store, tmp_path, capsys):
+    r = bench_json(tiny_store, tmp_path, "--workers", "1")
+    check_common(r)
+    # compute of the simulated accelerator is steps * step_ms by construction, not measured
+    assert r["model"] == "simulated" and r["compute_s"] == 3 * 5.0 / 1000.0
+    assert r["stall_fraction"] == pytest.approx(max(0.0, 1.0 - r["compute_s"] / r["wall_s"]))
+    assert r["memory"]["workers_pss"] > 0  # one worker process, alive at the last sample
+    assert r["store"]["count"] == 24 and r["store"]["disk_bytes"] > 0 and r["store"]["raw_bytes"] == 24 * 32 * 32 * 4
+    assert r["machine"]["ram_total_bytes"] > r["store"]["raw_bytes"]
+    assert r["options"] == {"augment": "standard", "workers": 1, "threads": False, "shuffle": "window",
+                            "backend": "zarr"}
+    text = capsys.readouterr().out
+    assert "samples/s" in text and "input stall" in text and "memory peak" in text
+
+
+def test_bench_threads_and_memory_cap_report(tiny_store, tmp_path):
+    r = bench_json(tiny_store, tmp_path, "--workers", "2", "--threads", "--augment", "none",
+                   "--shuffle", "uniform", "--memory-cap", "2G")
+    check_common(r)
+    cap = r["memory_cap"]
+    assert cap["requested"] == "2G" and cap["requested_bytes"] == 2 * 2**30
+    assert isinstance(cap["applied"], bool)
+    if not cap["applied"]:  # the reason is given, and the run still happened (uncapped)
+        assert cap["why_not"] and cap["how"] is None
+    assert cap["smaller_than_dataset"] is False
+
+
+def test_bench_rejects_bad_options(tiny_store, capsys):
+    assert main(["bench", str(tiny_store), "--steps", "0"]) == 2
+    assert "Received:" in capsys.readouterr().err
+    assert main(["bench", str(tiny_store), "--memory-cap", "lots"]) == 2
+    assert "Received: 'lots'" in capsys.readouterr().err
+
+
+def test_measure_fit_same_harness_for_tf_data_and_pydataset():
+    import keras
+    import tensorflow as tf
+
+    x = np.random.default_rng(0).random((12, 16, 16, 3), dtype=np.float32)
+    y = np.zeros((12, 16, 16, 1), np.int32)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)  # 3 batches: needs a second epoch
+    r = measure_fit(ds, step_ms=1.0, steps=4, warmup=1)
+    check_common(r, steps=4)
+    assert r["batches_per_epoch"] == 3 and r["compute_s"] == 4 * 1.0 / 1000.0
+
+    class Plain(keras.utils.PyDataset):
+        def __len__(self) -> int:
+            return 3
+
+        def __getitem__(self, i: int):
+            return x[4 * i : 4 * i + 4], y[4 * i : 4 * i + 4]
+
+    r = measure_fit(Plain(), step_ms=0.0, steps=2, warmup=0, finish_epoch=False)  # batch size from batch 0
+    check_common(r, steps=2)
+    assert r["stall_fraction"] == 1.0  # no compute at all: every second is the pipeline's
+
+    with pytest.raises(OptionError, match="Received: steps=0"):
+        measure_fit(Plain(), steps=0)
+
+
+def test_measure_fit_unet_uses_measured_compute():
+    import tensorflow as tf
+
+    x = np.random.default_rng(1).random((8, 16, 16, 3), dtype=np.float32)
+    y = np.random.default_rng(2).integers(0, 3, (8, 16, 16, 1)).astype(np.int32)
+    r = measure_fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(4), model="unet", steps=2, warmup=1,
+                    num_classes=3)
+    check_common(r, steps=2)
+    assert r["model"] == "unet" and r["step_ms"] is None and r["compute_s"] > 0
+    assert r["compute_source"].startswith("measured")
+
+
+def test_parse_size():
+    assert parse_size("2G") == parse_size("2GiB") == parse_size("2 gb") == 2 * 2**30
+    assert parse_size("512M") == 512 * 2**20 and parse_size("1.5g") == 3 * 2**29 and parse_size(4096) == 4096
+    for bad in ("", "0", "-1G", "2X", "G"):
+        with pytest.raises(OptionError, match="Received"):
+            parse_size(bad)
+
+
+def test_cgroup_v2_prepare_on_a_fake_hierarchy(tmp_path):
+    base = tmp_path / "cg" / "user.slice"
+    base.mkdir(parents=True)
+    (base / "cgroup.controllers").write_text("cpu io pids\n")
+    (base / "cgroup.subtree_control").write_text("")
+    group, why = cgroup_v2_prepare(2**30, mount=tmp_path / "cg", own="/user.slice")
+    assert group is None and "no memory controller" in why
+    (base / "cgroup.controllers").write_text("cpu io memory pids\n")
+    group, why = cgroup_v2_prepare(2**30, mount=tmp_path / "cg", own="/user.slice")
+    assert why == "" and group is not None and group.parent == base
+    assert (group / "memory.max").read_text() == str(2**30)
+    assert (base / "cgroup.subtree_control").read_text() == "+memory"
+    group, why = cgroup_v2_prepare(2**30, mount=tmp_path / "nothing", own="/")
+    assert group is None and why
+
+
+def test_memory_cap_child_joins_the_prepared_cgroup(tiny_store, tmp_path, monkeypatch):
+    """The capped path end to end, on a stand-in cgroup folder (the limit itself is the kernel's job)."""
+    import streamseg.bench as bench
+
+    group = tmp_path / "fake-cgroup"
+    group.mkdir()
+    monkeypatch.setattr(bench, "cgroup_v2_prepare", lambda limit: (group, ""))
+    r = bench_json(tiny_store, tmp_path, "--workers", "0", "--memory-cap", "3G")
+    cap = r["memory_cap"]
+    assert cap["applied"] is True and cap["how"].startswith("cgroup v2") and cap["requested_bytes"] == 3 * 2**30
+    assert cap["outcome"] == "completed under the cap" and cap["exit_status"] == 0
+    assert int((group / "cgroup.procs").read_text()) > 0  # the measuring child wrote itself there
+    check_common(r)
