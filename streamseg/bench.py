@@ -31,11 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -45,6 +41,7 @@ import numpy as np
 import psutil
 
 from .errors import OptionError, truncate
+from .memcap import _read, cgroup_v2_prepare, run_capped
 from .memory import MemorySampler, memory_snapshot
 
 __all__ = ["measure_fit", "simulated_accelerator", "parse_size", "cgroup_v2_prepare", "format_result",
@@ -372,125 +369,12 @@ def measure_fit(dataset: Any, *, model: Any = "simulated", step_ms: float = 20.0
 
 
 # ---------------------------------------------------------------------------------- memory cap
-def _read(path: str | Path, default: str = "") -> str:
-    try:
-        return Path(path).read_text()
-    except OSError:
-        return default
-
-
-def _cgroup2_mount() -> Path | None:
-    for line in _read("/proc/self/mountinfo").splitlines():
-        left, _, right = line.partition(" - ")
-        if right.split(" ")[0] == "cgroup2":
-            return Path(left.split(" ")[4])
-    return None
-
-
-def _own_cgroup2() -> str | None:
-    return next((ln[3:] for ln in _read("/proc/self/cgroup").splitlines() if ln.startswith("0::")), None)
-
-
-def cgroup_v2_prepare(limit: int, *, mount: Path | None = None, own: str | None = None) -> tuple[Path | None, str]:
-    """Create a child cgroup (v2) of this process's cgroup with ``memory.max = limit``.
-
-    Returns ``(path, "")`` on success, or ``(None, reason)`` saying why it cannot be done here.
-    """
-    mount = mount or _cgroup2_mount()
-    own = own if own is not None else _own_cgroup2()
-    if mount is None or own is None:
-        return None, "no cgroup v2 hierarchy is mounted"
-    base = mount / own.lstrip("/")
-    controllers = _read(base / "cgroup.controllers").split()
-    if "memory" not in controllers:
-        return None, (f"the cgroup v2 hierarchy at {mount} offers no memory controller "
-                      f"(controllers: {' '.join(controllers) or 'none'})")
-    control = base / "cgroup.subtree_control"
-    try:
-        if "memory" not in control.read_text().split():
-            control.write_text("+memory")
-    except OSError as exc:
-        return None, f"cannot enable the memory controller below {base} ({exc.strerror or exc})"
-    child = base / f"streamseg-bench-{os.getpid()}"
-    try:
-        child.mkdir(exist_ok=True)
-        (child / "memory.max").write_text(str(limit))
-    except OSError as exc:
-        _rmdir(child)
-        return None, f"cannot create a limited cgroup at {child} ({exc.strerror or exc})"
-    with contextlib.suppress(OSError):  # without swap accounting the cap still holds for RAM
-        (child / "memory.swap.max").write_text("0")
-    return child, ""
-
-
-def _rmdir(path: Path) -> None:
-    for _ in range(20):  # workers may take a moment to leave the cgroup
-        try:
-            return path.rmdir()
-        except FileNotFoundError:
-            return None
-        except OSError:
-            time.sleep(0.1)
-    return None
-
-
 def _child_argv(args: argparse.Namespace, json_path: str) -> list[str]:
     argv = [sys.executable, "-m", "streamseg.cli", "bench", str(args.store), "--model", args.model,
             "--step-ms", str(args.step_ms), "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--batch-size", str(args.batch_size), "--augment", str(args.augment), "--workers",
             str(args.workers), "--shuffle", args.shuffle, "--json", json_path]
     return argv + (["--threads"] if args.threads else [])
-
-
-def _run_capped(args: argparse.Namespace, limit: int) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """Run the measurement in a child under ``limit`` bytes; returns (result or None, cap report)."""
-    cap: dict[str, Any] = {"requested": str(args.memory_cap), "requested_bytes": limit, "applied": False,
-                           "how": None, "why_not": None}
-    reasons = []
-    with tempfile.TemporaryDirectory(prefix="streamseg-bench-") as tmp:
-        out = os.path.join(tmp, "result.json")
-        argv, env = _child_argv(args, out), {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-        group, why = cgroup_v2_prepare(limit)
-        if group is not None:
-            enter = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(group / "cgroup.procs")]
-            try:  # the shell joins the cgroup, then becomes the measurement (no preexec_fn with threads)
-                proc = subprocess.run(enter + argv, env=env, capture_output=True, text=True)
-                events = _read(group / "memory.events")
-                cap.update(applied=True, how=f"cgroup v2 {group} memory.max={limit}")
-                cap["oom_kills"] = next((int(line.split()[1]) for line in events.splitlines()
-                                         if line.startswith("oom_kill ")), 0)
-            finally:
-                _rmdir(group)
-        else:
-            reasons.append(f"cgroup v2: {why}")
-            if Path("/run/systemd/system").is_dir() and shutil.which("systemd-run"):
-                scope = ["systemd-run", "--scope", "--quiet", "--collect", "-p", f"MemoryMax={limit}",
-                         "-p", "MemorySwapMax=0"] + ([] if os.geteuid() == 0 else ["--user"])
-                proc = subprocess.run(scope + ["--"] + argv, env=env, capture_output=True, text=True)
-                refused = [ln for ln in proc.stderr.splitlines()
-                           if ln.startswith(("Failed to", "System has not been booted"))]
-                started = os.path.exists(out) or not refused
-                if started:
-                    cap.update(applied=True, how=f"systemd-run --scope -p MemoryMax={limit}")
-                else:
-                    reasons.append(f"systemd-run: {refused[-1]}")
-            else:
-                reasons.append("systemd-run: systemd is not the init system here "
-                               f"(PID 1 is {_read('/proc/1/comm', '?').strip()!r}), so no scope can be created")
-        if not cap["applied"]:
-            if Path("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists():
-                reasons.append("(a cgroup v1 memory hierarchy exists at /sys/fs/cgroup/memory; "
-                               "streamseg does not manage v1 cgroups)")
-            cap["why_not"] = "; ".join(reasons)
-            return None, cap
-        cap["exit_status"] = proc.returncode
-        if proc.returncode != 0 or not os.path.exists(out):
-            killed = proc.returncode in (-9, 137) or cap.get("oom_kills")
-            cap["outcome"] = ("killed: out of memory under the cap" if killed
-                              else f"failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-            return None, cap
-        cap["outcome"] = "completed under the cap"
-        return json.loads(Path(out).read_text()), cap
 
 
 # ---------------------------------------------------------------------------------- command line
@@ -562,7 +446,7 @@ def run_bench_cli(args: argparse.Namespace) -> int:
     cap = result = None
     if args.memory_cap:
         limit = parse_size(args.memory_cap)
-        result, cap = _run_capped(args, limit)
+        result, cap = run_capped(lambda out: _child_argv(args, out), str(args.memory_cap), limit)
         if result is None and cap["applied"]:
             print(f"streamseg bench: the run under the memory cap did not finish: {cap['outcome']}",
                   file=sys.stderr)

@@ -286,11 +286,12 @@ class SegmentationDataset(PyDataset, _DataAdapter):  # type: ignore[misc,valid-t
     def __iter__(self) -> Any:
         """One epoch of batches, in order."""
         epoch = self._epoch
-        try:
-            for i in range(len(self)):
-                yield self._fetch(epoch, i, range(i + 1, len(self)))
-        finally:
-            self._feeder.epoch_finished()
+        for i in range(len(self)):
+            yield self._fetch(epoch, i, range(i + 1, len(self)))
+        # Only after a complete pass: an abandoned generator is closed by tf.data's iterator
+        # destructor, possibly at interpreter exit, where starting timers or joining workers
+        # is unsafe; its look-ahead is dropped by the next request or by close().
+        self._feeder.epoch_finished()
 
     def on_epoch_begin(self) -> None:
         """Nothing changes here: Keras 3.15 starts its pool before calling it."""

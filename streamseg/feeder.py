@@ -10,6 +10,7 @@ the end of ``fit``).
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Hashable, Iterable
 from typing import Any
@@ -117,6 +118,8 @@ class Feeder:
 
     def epoch_finished(self) -> None:
         """Drop work ahead and close the pool after ``keep_alive`` seconds of silence."""
+        if sys.is_finalizing():  # no new threads at interpreter exit; the pool's finalizer cleans up
+            return
         with self._lock:
             if self._pool is not None and not self._pool.closed:
                 self._pool.discard_all()

@@ -161,11 +161,11 @@ def test_cgroup_v2_prepare_on_a_fake_hierarchy(tmp_path):
 
 def test_memory_cap_child_joins_the_prepared_cgroup(tiny_store, tmp_path, monkeypatch):
     """The capped path end to end, on a stand-in cgroup folder (the limit itself is the kernel's job)."""
-    import streamseg.bench as bench
+    import streamseg.memcap as memcap
 
     group = tmp_path / "fake-cgroup"
     group.mkdir()
-    monkeypatch.setattr(bench, "cgroup_v2_prepare", lambda limit: (group, ""))
+    monkeypatch.setattr(memcap, "cgroup_v2_prepare", lambda limit: (group, ""))
     r = bench_json(tiny_store, tmp_path, "--workers", "0", "--memory-cap", "3G")
     cap = r["memory_cap"]
     assert cap["applied"] is True and cap["how"].startswith("cgroup v2") and cap["requested_bytes"] == 3 * 2**30
