@@ -45,6 +45,7 @@ def row(result: dict) -> dict:
             "samples_per_s": result["samples_per_s"], "stall": result["stall_fraction"],
             "main_uss_mib": mem["main_uss"] / 2**20, "main_rss_anon_mib": mem["main_rss_anon"] / 2**20,
             "main_rss_file_mib": mem["main_rss_file"] / 2**20, "workers_pss_mib": mem["workers_pss"] / 2**20,
+            "tree_anon_pss_mib": mem["tree_anon_pss"] / 2**20, "steps_run": result.get("steps"),
             "memory_cap": result.get("memory_cap")}
 
 
@@ -67,8 +68,9 @@ def main() -> None:
     ok = [r for r in rows if "error" not in r and not r.get("cap")]
     if len(ok) >= 2:
         lo, hi = ok[0], ok[-1]
-        print(f"main USS {hi['raw_gib']:.0f} GiB vs {lo['raw_gib']:.0f} GiB: "
-              f"{(hi['main_uss_mib'] / lo['main_uss_mib'] - 1) * 100:+.1f}%")
+        for key in ("main_rss_anon_mib", "main_uss_mib", "tree_anon_pss_mib"):
+            print(f"{key} {hi['raw_gib']:.0f} GiB vs {lo['raw_gib']:.0f} GiB: "
+                  f"{(hi[key] / lo[key] - 1) * 100:+.1f}%")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     try:
@@ -80,6 +82,7 @@ def main() -> None:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         x = [r["raw_gib"] for r in ok]
         for key, label in (("main_uss_mib", "main USS"), ("main_rss_anon_mib", "main RssAnon"),
+                           ("tree_anon_pss_mib", "all processes: anonymous + shm PSS"),
                            ("main_rss_file_mib", "main RssFile (page cache, reclaimable)"),
                            ("workers_pss_mib", "workers PSS")):
             ax.plot(x, [r[key] for r in ok], marker="o", label=label)
