@@ -84,11 +84,12 @@ def main() -> None:
         for key, label in (("main_uss_mib", "main USS"), ("main_rss_anon_mib", "main RssAnon"),
                            ("tree_anon_pss_mib", "all processes: anonymous + shm PSS"),
                            ("main_rss_file_mib", "main RssFile (page cache, reclaimable)"),
-                           ("workers_pss_mib", "workers PSS")):
+                           ("workers_pss_mib", "workers PSS (incl. mapped file pages)")):
             ax.plot(x, [r[key] for r in ok], marker="o", label=label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("dataset size (GiB, raw)")
-        ax.set_ylabel("MiB")
+        ax.set_yscale("log")
+        ax.set_ylabel("MiB (log scale)")
         ax.set_title("Memory vs dataset size (streamseg, memmap, 2 workers)")
         ax.legend(fontsize=7)
         fig.tight_layout()

@@ -10,7 +10,6 @@ Batches are 32 samples of 256x256x3 uint8 with a 1-channel mask.
 from __future__ import annotations
 
 import multiprocessing as mp
-import pickle
 
 import numpy as np
 import pytest

@@ -161,9 +161,9 @@ def _create_arrays(dst: Path, plan: dict[str, Any]) -> None:
     dtypes = {"images": plan["image_dtype"], "masks": plan["mask_dtype"]}
     if plan["backend"] == "memmap":
         for name in ARRAY_NAMES:
-            mm = np.lib.format.open_memmap(dst / f"{name}.npy", mode="w+", dtype=dtypes[name],
-                                           shape=shapes[name])
-            del mm
+            # creates a sparse .npy of the final size; chunks are written into it later
+            np.lib.format.open_memmap(dst / f"{name}.npy", mode="w+", dtype=dtypes[name],
+                                      shape=shapes[name]).flush()
         return
     import zarr
     from zarr.codecs import BloscCodec
