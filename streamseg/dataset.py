@@ -14,7 +14,10 @@ Randomness is a pure function of ``(seed, epoch, sample index)``; the epoch adva
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
+import threading
 from typing import Any
 
 import numpy as np
@@ -44,6 +47,8 @@ except ImportError:  # pragma: no cover - fall back to the plain PyDataset proto
     _DataAdapter = object  # type: ignore[assignment,misc]
 
 __all__ = ["SegmentationDataset", "split"]
+
+_END_OF_EPOCH = object()
 
 _OPTIONS = ("indices", "shuffle", "seed", "augment", "mask_mode", "num_classes", "normalize",
             "drop_remainder", "shard", "window_chunks", "workers", "use_multiprocessing",
@@ -284,14 +289,49 @@ class SegmentationDataset(PyDataset, _DataAdapter):  # type: ignore[misc,valid-t
         return self._fetch(self._epoch, i, range(i + 1, len(self)))
 
     def __iter__(self) -> Any:
-        """One epoch of batches, in order."""
-        epoch = self._epoch
-        for i in range(len(self)):
-            yield self._fetch(epoch, i, range(i + 1, len(self)))
-        # Only after a complete pass: an abandoned generator is closed by tf.data's iterator
-        # destructor, possibly at interpreter exit, where starting timers or joining workers
-        # is unsafe; its look-ahead is dropped by the next request or by close().
-        self._feeder.epoch_finished()
+        """One epoch of batches, in order.
+
+        With workers, a hand-over thread collects the next batch (copy out of its
+        shared-memory slot) while the consumer works on the current one.
+        """
+        epoch, n = self._epoch, len(self)
+        if self._feeder.inline:
+            for i in range(n):
+                yield self._fetch(epoch, i, range(i + 1, n))
+            return
+        handed: queue.Queue = queue.Queue(maxsize=1)
+        stop = threading.Event()
+
+        def offer(item: Any) -> bool:
+            while not stop.is_set():
+                with contextlib.suppress(queue.Full):
+                    handed.put(item, timeout=0.1)
+                    return True
+            return False
+
+        def hand_over() -> None:
+            try:
+                for i in range(n):
+                    if not offer(self._fetch(epoch, i, range(i + 1, n))):
+                        return
+                # Only after a complete pass: an abandoned generator may be closed by tf.data's
+                # iterator destructor at interpreter exit, where starting timers is unsafe.
+                self._feeder.epoch_finished()
+                offer(_END_OF_EPOCH)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer's thread
+                offer(exc)
+
+        threading.Thread(target=hand_over, name="streamseg-handover", daemon=True).start()
+        try:
+            while True:
+                item = handed.get()
+                if item is _END_OF_EPOCH:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()  # abandoned or failed: the hand-over thread stops by itself
 
     def on_epoch_begin(self) -> None:
         """Nothing changes here: Keras 3.15 starts its pool before calling it."""

@@ -110,11 +110,11 @@ class Feeder:
             for k, t in wanted:
                 if k not in pending:
                     pool.submit(k, t)
-        try:
-            return pool.result(key)
-        except BaseException:
-            self.close()
-            raise
+            try:  # under the lock: a concurrent caller must not drop this key meanwhile
+                return pool.result(key)
+            except BaseException:
+                self.close()
+                raise
 
     def epoch_finished(self) -> None:
         """Drop work ahead and close the pool after ``keep_alive`` seconds of silence."""

@@ -194,3 +194,21 @@ def test_dataset_pickles_as_options(labelled_store):
     again = pickle.loads(blob)
     np.testing.assert_array_equal(again[2][0], first[0])
     ds.close()
+
+
+def test_abandoned_epoch_stops_its_hand_over_thread(labelled_store):
+    import threading
+    import time
+
+    store, _ = labelled_store
+    ds = SegmentationDataset(store, 4, num_classes=256, workers=2)
+    with ds:
+        it = iter(ds)
+        first = next(it)
+        np.testing.assert_array_equal(first[1], ds[0][1])
+        it.close()  # what tf.data does when fit stops mid-epoch
+        deadline = time.monotonic() + 5
+        while any(t.name == "streamseg-handover" for t in threading.enumerate()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(t.name == "streamseg-handover" for t in threading.enumerate())
+        assert len(list(ds)) == len(ds)  # a new pass still works
