@@ -359,12 +359,14 @@ class Store:
         h, w, c = self.image_shape
         images = np.empty((idx.size, h, w, c), self.image_dtype)
         masks = np.empty((idx.size, h, w, 1), self.mask_dtype)
-        self.read_into(idx, images, masks)
+        self._read_checked(idx, images, masks)
         return images, masks
 
     def read_into(self, indices: np.ndarray, images: np.ndarray, masks: np.ndarray) -> None:
         """Like :meth:`read`, but write into preallocated ``images`` and ``masks``."""
-        idx = _as_index_array(indices, len(self))
+        self._read_checked(_as_index_array(indices, len(self)), images, masks)
+
+    def _read_checked(self, idx: np.ndarray, images: np.ndarray, masks: np.ndarray) -> None:
         if idx.size == 0:
             return
         if self.backend == "arrays":

@@ -138,7 +138,7 @@ def prepare_destination(dst: Path, plan: dict[str, Any], *, overwrite: bool, res
                 f"({', '.join(sorted(diffs)[:5])}). Re-run with the original options, or use "
                 f"--overwrite to start again. Received: {truncate({k: plan.get(k) for k in sorted(diffs)[:3]})}"
             )
-        return _done_chunks(dst)
+        return set(_read_progress(dst))
     if dst.exists() and any(dst.iterdir()):
         if not (overwrite or resume):
             raise StoreExistsError(f"{dst} already exists; pass --overwrite to replace it "
@@ -178,10 +178,6 @@ def _create_arrays(dst: Path, plan: dict[str, Any]) -> None:
                            dtype=dtypes[name], compressors=compressors, fill_value=0,
                            config={"write_empty_chunks": True})
     group.attrs["streamseg"] = {"format_version": FORMAT_VERSION, "manifest": MANIFEST_NAME}
-
-
-def _done_chunks(dst: Path) -> set[int]:
-    return set(_read_progress(dst))
 
 
 def _read_progress(dst: Path) -> dict[int, dict[str, Any]]:
