@@ -15,6 +15,7 @@ Randomness is a pure function of ``(seed, epoch, sample index)``; the epoch adva
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import queue
 import threading
@@ -279,7 +280,12 @@ class SegmentationDataset(PyDataset, _DataAdapter):  # type: ignore[misc,valid-t
         if epoch == self._epoch:
             self._epoch_used = True
         key, task = self._task(epoch, i)
-        out = self._feeder.fetch(key, task, (self._task(epoch, j) for j in upcoming))
+        # Ahead of the last batches of an epoch come the first ones of the next epoch (its
+        # order is a pure function of (seed, epoch)), so the first step of an epoch does not
+        # wait for the workers to start over.  A wrong guess is dropped by the next fetch.
+        ahead = itertools.chain((self._task(epoch, j) for j in upcoming),
+                                (self._task(epoch + 1, j) for j in range(len(self))))
+        out = self._feeder.fetch(key, task, ahead)
         return out["images"], out["masks"]
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -316,7 +322,7 @@ class SegmentationDataset(PyDataset, _DataAdapter):  # type: ignore[misc,valid-t
                         return
                 # Only after a complete pass: an abandoned generator may be closed by tf.data's
                 # iterator destructor at interpreter exit, where starting timers is unsafe.
-                self._feeder.epoch_finished()
+                self._feeder.epoch_finished(keep=lambda key: key[0] > epoch)
                 offer(_END_OF_EPOCH)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer's thread
                 offer(exc)
@@ -345,7 +351,8 @@ class SegmentationDataset(PyDataset, _DataAdapter):  # type: ignore[misc,valid-t
         if self._epoch_used:
             self._epoch += 1
             self._epoch_used = False
-        self._feeder.epoch_finished()
+        current = self._epoch
+        self._feeder.epoch_finished(keep=lambda key: key[0] >= current)
 
     def close(self) -> None:
         """Stop worker processes and free shared memory now."""

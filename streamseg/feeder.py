@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import numpy as np
 
+from .buffers import BufferRecycler
 from .pool import BatchPool
 
 __all__ = ["Feeder"]
@@ -58,6 +59,7 @@ class Feeder:
         self._pool: BatchPool | None = None
         self._lock = threading.RLock()
         self._timer: threading.Timer | None = None
+        self.buffers = BufferRecycler()
 
     @property
     def inline(self) -> bool:
@@ -70,7 +72,7 @@ class Feeder:
         return self._pool
 
     def _produce_inline(self, task: Any) -> dict[str, np.ndarray]:
-        out = {name: np.empty(shape, dtype) for name, (shape, dtype) in self.slots.items()}
+        out = {name: self.buffers.empty(shape, dtype) for name, (shape, dtype) in self.slots.items()}
         n = self.producer.produce(task, out)
         return {name: arr[:n] for name, arr in out.items()}
 
@@ -78,7 +80,8 @@ class Feeder:
         if self._pool is None or self._pool.closed:
             self._pool = BatchPool(self.producer, self.slots, workers=max(1, self.workers),
                                    use_processes=self.use_multiprocessing,
-                                   num_slots=self.ahead + 1, start_method=self.start_method)
+                                   num_slots=self.ahead + 1, start_method=self.start_method,
+                                   allocate=self.buffers.empty)
         return self._pool
 
     def fetch(self, key: Hashable, task: Any, upcoming: Iterable[tuple[Hashable, Any]] = ()) -> dict[str, np.ndarray]:
@@ -116,13 +119,22 @@ class Feeder:
                 self.close()
                 raise
 
-    def epoch_finished(self) -> None:
-        """Drop work ahead and close the pool after ``keep_alive`` seconds of silence."""
+    def epoch_finished(self, keep: Callable[[Hashable], bool] | None = None) -> None:
+        """Drop work ahead and close the pool after ``keep_alive`` seconds of silence.
+
+        Parameters
+        ----------
+        keep : callable, optional
+            ``keep(key)`` is true for pending batches to keep (e.g. the first batches of
+            the next epoch, produced ahead across the epoch boundary).
+        """
         if sys.is_finalizing():  # no new threads at interpreter exit; the pool's finalizer cleans up
             return
         with self._lock:
             if self._pool is not None and not self._pool.closed:
-                self._pool.discard_all()
+                for key in self._pool.pending():
+                    if keep is None or not keep(key):
+                        self._pool.discard(key)
                 self._cancel_timer()
                 if self.keep_alive <= 0:
                     self.close()
@@ -143,3 +155,4 @@ class Feeder:
             if self._pool is not None:
                 self._pool.close()
                 self._pool = None
+            self.buffers.clear()

@@ -23,10 +23,11 @@ from collections import deque
 from contextlib import suppress
 from multiprocessing import shared_memory
 from multiprocessing.connection import wait as _wait
-from typing import Any, Hashable, Mapping, Protocol
+from typing import Any, Callable, Hashable, Mapping, Protocol
 
 import numpy as np
 
+from .buffers import aligned_empty
 from .errors import OptionError, StreamsegError, WorkerDiedError, WorkerError
 
 __all__ = ["BatchPool", "Producer"]
@@ -336,6 +337,9 @@ class BatchPool:
         Seconds between liveness checks (of the workers, and of the parent in them).
     name : str
         Prefix of the worker names and of the shared-memory segment.
+    allocate : callable, optional
+        ``allocate(shape, dtype)`` gives the array a result is copied into (default: a
+        fresh 64-byte aligned array, e.g. ``BufferRecycler.empty`` to reuse memory).
 
     Notes
     -----
@@ -350,7 +354,7 @@ class BatchPool:
     def __init__(self, producer: Producer, slots: Mapping[str, tuple[tuple[int, ...], np.dtype]],
                  *, workers: int = 1, use_processes: bool = True, num_slots: int = 4,
                  start_method: str | None = None, poll_interval: float = 0.1,
-                 name: str = "streamseg") -> None:
+                 name: str = "streamseg", allocate: Callable[..., np.ndarray] | None = None) -> None:
         if not callable(getattr(producer, "produce", None)):
             raise OptionError(f"producer needs a produce(task, out) method; got {producer!r}")
         if int(workers) < 0 or int(num_slots) < 1 or not poll_interval > 0:
@@ -358,6 +362,7 @@ class BatchPool:
                               f"got {workers}, {num_slots}, {poll_interval}")
         fields, stride, self._rows = _layout(slots)
         self._poll, self._next_ticket, self._broken = float(poll_interval), 0, None
+        self._allocate = allocate or aligned_empty
         self._pending: dict[Hashable, _Entry] = {}  # by key, in submission order
         self._tickets: dict[int, _Entry] = {}  # sent to a worker and not reported yet
         self._backlog: deque[_Entry] = deque()
@@ -511,8 +516,10 @@ class BatchPool:
 
     def _copy(self, entry: _Entry) -> dict[str, np.ndarray]:
         """Copy ``entry``'s rows out of its slot (the one memcpy per batch) and free the slot."""
-        data = {name: view[:entry.n].copy() for name, view in
-                self._backend.views[entry.slot].items()}
+        data = {}
+        for name, view in self._backend.views[entry.slot].items():
+            data[name] = self._allocate(view[:entry.n].shape, view.dtype)  # aligned: TF adopts it
+            np.copyto(data[name], view[:entry.n])
         self._release(entry)
         return data
 

@@ -50,7 +50,7 @@ def check_common(r: dict, steps: int = 3, batch: int = 4) -> None:
     assert r["steps"] == steps and r["batch_size"] == batch
     assert r["samples_per_s"] > 0 and r["batches_per_s"] > 0 and r["wall_s"] > 0
     assert r["samples_per_s"] == pytest.approx(r["batches_per_s"] * batch)
-    assert 0.0 <= r["stall_fraction"] <= 1.0
+    assert 0.0 <= r["stall_fraction"] <= 1.0 and 0.0 <= r["overhead_fraction"] <= 1.0
     assert 0.0 <= r["cpu_percent"] <= 100.0
     mem = r["memory"]
     for key in ("main_uss", "main_rss", "main_rss_anon", "main_rss_file", "main_pss", "private", "tree_pss",
@@ -68,7 +68,12 @@ def test_bench_cli_json_fields(tiny_store, tmp_path, capsys):
     check_common(r)
     # compute of the simulated accelerator is steps * step_ms by construction, not measured
     assert r["model"] == "simulated" and r["compute_s"] == 3 * 5.0 / 1000.0
-    assert r["stall_fraction"] == pytest.approx(max(0.0, 1.0 - r["compute_s"] / r["wall_s"]))
+    assert r["overhead_fraction"] == pytest.approx(max(0.0, 1.0 - r["compute_s"] / r["wall_s"]))
+    # the input stall is measured against the same loop fed from memory, which takes at least
+    # the simulated compute
+    assert r["compute_s"] <= r["floor_s"]
+    assert r["stall_fraction"] == pytest.approx(max(0.0, 1.0 - r["floor_s"] / r["wall_s"]))
+    assert r["stall_fraction"] <= r["overhead_fraction"]
     assert r["memory"]["workers_pss"] > 0  # one worker process, alive at the last sample
     assert r["store"]["count"] == 24 and r["store"]["disk_bytes"] > 0 and r["store"]["raw_bytes"] == 24 * 32 * 32 * 4
     assert r["machine"]["ram_total_bytes"] > r["store"]["raw_bytes"]
@@ -117,7 +122,8 @@ def test_measure_fit_same_harness_for_tf_data_and_pydataset():
 
     r = measure_fit(Plain(), step_ms=0.0, steps=2, warmup=0, finish_epoch=False)  # batch size from batch 0
     check_common(r, steps=2)
-    assert r["stall_fraction"] == 1.0  # no compute at all: every second is the pipeline's
+    assert r["stall_fraction"] == r["overhead_fraction"] == 1.0  # no compute: every second is the pipeline's
+    assert r["floor_s"] is None
 
     with pytest.raises(OptionError, match="Received: steps=0"):
         measure_fit(Plain(), steps=0)

@@ -212,3 +212,40 @@ def test_abandoned_epoch_stops_its_hand_over_thread(labelled_store):
             time.sleep(0.05)
         assert not any(t.name == "streamseg-handover" for t in threading.enumerate())
         assert len(list(ds)) == len(ds)  # a new pass still works
+
+
+@pytest.mark.parametrize("mp", [False, True])
+def test_next_epoch_is_produced_ahead_and_still_correct(labelled_store, mp):
+    """The first batches of epoch e+1 are produced while epoch e ends; they are the same
+    batches an inline dataset gives for epoch e+1."""
+    store, _ = labelled_store
+    kw = dict(augment="standard", num_classes=256, seed=7)
+    reference = SegmentationDataset(store, 8, workers=0, **kw)
+    ds = SegmentationDataset(store, 8, workers=2, use_multiprocessing=mp, max_queue_size=3, **kw)
+    with ds:
+        for epoch in range(3):
+            got = list(ds)
+            assert len(got) == len(reference) == 6
+            for (gi, gm), (ri, rm) in zip(got, collect(reference)):
+                np.testing.assert_array_equal(gi, ri)
+                np.testing.assert_array_equal(gm, rm)
+            ds.on_epoch_end()
+            reference.on_epoch_end()
+            pending = ds._feeder.pool.pending()
+            assert {(epoch + 1, 0), (epoch + 1, 1)} <= pending  # look-ahead 3: the last batch + 2, kept
+            assert all(key[0] == epoch + 1 for key in pending)
+
+
+def test_batches_are_aligned_and_their_memory_is_recycled(labelled_store):
+    store, _ = labelled_store
+    ds = SegmentationDataset(store, 8, num_classes=256, workers=2, use_multiprocessing=True)
+    with ds:
+        kept = []
+        for i, (images, masks) in enumerate(ds):
+            assert images.ctypes.data % 64 == 0 and masks.ctypes.data % 64 == 0
+            if i < 2:
+                kept.append(images[:1])  # a view keeps its batch's buffer out of reuse
+        for images, masks in ds:
+            assert not any(np.shares_memory(images, k) for k in kept)
+        assert ds._feeder.buffers.reused > 0
+        np.testing.assert_array_equal(np.round(kept[0][0, 0, 0, 0] * 255), ds.epoch_indices()[0])

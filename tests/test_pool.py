@@ -167,7 +167,10 @@ def test_results_are_independent_copies(kind):
     with make_pool(kind, workers=0 if kind[0] == "sync" else 1, num_slots=1) as pool:
         pool.submit("a", H.task(1))
         first = pool.result("a", timeout=WAIT)
-        assert all(arr.flags.owndata and arr.flags.writeable for arr in first.values())
+        # private, writable and 64-byte aligned (so TensorFlow adopts them without a copy)
+        assert all(arr.flags.writeable and arr.ctypes.data % 64 == 0 for arr in first.values())
+        assert not any(np.shares_memory(arr, view) for arr in first.values()
+                       for slot in pool._backend.views for view in slot.values())
         first["x"][:] = 12345.0  # must not write into the (reused) slot
         pool.submit("b", H.task(1))
         second = pool.result("b", timeout=WAIT)
