@@ -65,7 +65,7 @@ def test_tensorflow_adopts_the_buffer_and_it_is_not_reused_meanwhile():
     (t,) = next(iter(ds))
     a[0, 0, 0, 0] = 7.0
     assert float(t[0, 0, 0, 0]) == 7.0  # no copy: the tensor reads the buffer
-    del a, gen, ds, box
+    del a, ds  # the generator popped its reference
     gc.collect()
     b = r.empty((2, 64, 64, 3), np.float32)
     b[...] = -1.0  # must not be the tensor's memory
