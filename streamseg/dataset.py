@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import os
 import queue
+import sys
 import threading
 from typing import Any
 
@@ -50,6 +51,17 @@ except ImportError:  # pragma: no cover - fall back to the plain PyDataset proto
 __all__ = ["SegmentationDataset", "split"]
 
 _END_OF_EPOCH = object()
+
+
+class _Carry:
+    """The first batch of the next epoch, collected at the end of a pass."""
+
+    __slots__ = ("key", "batch", "done")
+
+    def __init__(self, key: tuple[int, int]) -> None:
+        self.key = key
+        self.batch: tuple[np.ndarray, np.ndarray] | None = None
+        self.done = threading.Event()
 
 _OPTIONS = ("indices", "shuffle", "seed", "augment", "mask_mode", "num_classes", "normalize",
             "drop_remainder", "shard", "window_chunks", "workers", "use_multiprocessing",
@@ -151,6 +163,9 @@ class SegmentationDataset(PyDataset, _DataAdapter):  # type: ignore[misc,valid-t
         self._epoch = 0
         self._epoch_used = False
         self._orders: dict[int, np.ndarray] = {}
+        self._carry: _Carry | None = None
+        self._tf_pass: Any = None  # the pass over __iter__ that get_tf_dataset's iterator reads
+        self._tf_lock = threading.Lock()
 
     # ------------------------------------------------------------------ construction helpers
     def _init_order(self, o: dict[str, Any]) -> None:
@@ -279,14 +294,21 @@ class SegmentationDataset(PyDataset, _DataAdapter):  # type: ignore[misc,valid-t
     def _fetch(self, epoch: int, i: int, upcoming: range) -> tuple[np.ndarray, np.ndarray]:
         if epoch == self._epoch:
             self._epoch_used = True
+        out = self._fetch_raw(epoch, i, upcoming)
+        if out is None:  # cannot happen: the pool starts on demand
+            raise RuntimeError("no batch from the feeder")
+        return out
+
+    def _fetch_raw(self, epoch: int, i: int, upcoming: range,
+                   start: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
         key, task = self._task(epoch, i)
         # Ahead of the last batches of an epoch come the first ones of the next epoch (its
         # order is a pure function of (seed, epoch)), so the first step of an epoch does not
         # wait for the workers to start over.  A wrong guess is dropped by the next fetch.
         ahead = itertools.chain((self._task(epoch, j) for j in upcoming),
                                 (self._task(epoch + 1, j) for j in range(len(self))))
-        out = self._feeder.fetch(key, task, ahead)
-        return out["images"], out["masks"]
+        out = self._feeder.fetch(key, task, ahead, start=start)
+        return None if out is None else (out["images"], out["masks"])
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         i = int(i)
@@ -298,13 +320,22 @@ class SegmentationDataset(PyDataset, _DataAdapter):  # type: ignore[misc,valid-t
         """One epoch of batches, in order.
 
         With workers, a hand-over thread collects the next batch (copy out of its
-        shared-memory slot) while the consumer works on the current one.
+        shared-memory slot) while the consumer works on the current one.  After a complete
+        pass it also collects the first batch of the next epoch, which the next pass takes
+        if it is for that epoch (Keras spends ~20 ms between epochs meanwhile).
         """
         epoch, n = self._epoch, len(self)
         if self._feeder.inline:
             for i in range(n):
                 yield self._fetch(epoch, i, range(i + 1, n))
             return
+        carry, self._carry = self._carry, None
+        first = None
+        if carry is not None and carry.key == (epoch, 0):
+            carry.done.wait()  # the previous pass's thread may still be collecting it
+            first = carry.batch
+            if first is not None and epoch == self._epoch:
+                self._epoch_used = True
         handed: queue.Queue = queue.Queue(maxsize=1)
         stop = threading.Event()
 
@@ -316,16 +347,25 @@ class SegmentationDataset(PyDataset, _DataAdapter):  # type: ignore[misc,valid-t
             return False
 
         def hand_over() -> None:
+            carry = None
             try:
-                for i in range(n):
+                if first is not None and not offer(first):
+                    return
+                for i in range(0 if first is None else 1, n):
                     if not offer(self._fetch(epoch, i, range(i + 1, n))):
                         return
                 # Only after a complete pass: an abandoned generator may be closed by tf.data's
                 # iterator destructor at interpreter exit, where starting timers is unsafe.
                 self._feeder.epoch_finished(keep=lambda key: key[0] > epoch)
-                offer(_END_OF_EPOCH)
+                if not sys.is_finalizing():
+                    carry = self._carry = _Carry((epoch + 1, 0))  # set before the pass ends
+                if offer(_END_OF_EPOCH) and carry is not None:
+                    self._collect_carry(carry, epoch, n)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer's thread
                 offer(exc)
+            finally:
+                if carry is not None:
+                    carry.done.set()  # collected, or abandoned with nothing in it
 
         threading.Thread(target=hand_over, name="streamseg-handover", daemon=True).start()
         try:
@@ -338,6 +378,16 @@ class SegmentationDataset(PyDataset, _DataAdapter):  # type: ignore[misc,valid-t
                 yield item
         finally:
             stop.set()  # abandoned or failed: the hand-over thread stops by itself
+
+    def _collect_carry(self, carry: _Carry, epoch: int, n: int) -> None:
+        """Collect batch 0 of ``epoch + 1`` for the next pass (a guess: unused if it is not)."""
+        try:
+            carry.batch = self._fetch_raw(epoch + 1, 0, range(1, n), start=False)  # not after close()
+            self._feeder.epoch_finished(keep=lambda key: key[0] > epoch)  # re-arm keep_alive
+        except BaseException:  # noqa: BLE001 - the next pass asks again and gets the error itself
+            carry.batch = None
+        finally:
+            carry.done.set()
 
     def on_epoch_begin(self) -> None:
         """Nothing changes here: Keras 3.15 starts its pool before calling it."""
@@ -356,6 +406,11 @@ class SegmentationDataset(PyDataset, _DataAdapter):  # type: ignore[misc,valid-t
 
     def close(self) -> None:
         """Stop worker processes and free shared memory now."""
+        self._carry = None
+        with self._tf_lock:
+            if self._tf_pass is not None:
+                self._tf_pass.close()
+                self._tf_pass = None
         self._feeder.close()
 
     def __enter__(self) -> "SegmentationDataset":
@@ -373,12 +428,15 @@ class SegmentationDataset(PyDataset, _DataAdapter):  # type: ignore[misc,valid-t
         state = self.__dict__.copy()
         state["_feeder"] = None  # workers belong to the process that made them
         state["_orders"] = {}
+        state["_carry"] = None  # holds a thread's event and a batch
+        state["_tf_pass"] = state["_tf_lock"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # A copy that travelled to another process (e.g. into Keras's own worker pool) produces
         # its batches inline: a pool inside a pool would only oversubscribe the cores.
         self.__dict__.update(state)
+        self._tf_lock = threading.Lock()
         self._init_workers({"workers": 0, "use_multiprocessing": False, "max_queue_size": 1,
                             "start_method": None, "keep_alive": 0.0})
 
@@ -412,18 +470,47 @@ class SegmentationDataset(PyDataset, _DataAdapter):  # type: ignore[misc,valid-t
         return data_adapter_utils.get_torch_dataloader(iter(self))
 
     def get_tf_dataset(self) -> Any:
-        """A ``tf.data.Dataset`` over one epoch per iteration (epoch taken when it starts)."""
+        """A ``tf.data.Dataset`` over one epoch per iteration (epoch taken when it starts).
+
+        ``Dataset.range(len(self)).map(numpy_function)``: batch ``i`` of an iteration is the
+        next batch of a pass over :meth:`__iter__`, and batch 0 starts a new pass, so one
+        iterator at a time reads a given dataset object (as ``fit`` does).  Cheaper than
+        ``from_generator`` (about 0.4 ms per step and 20 ms per epoch less here), and the
+        batches, 64-byte aligned, become tensors without a copy.  No tf.data prefetch (not even
+        the one tf.data injects by itself): our workers already produce ahead, and a prefetch
+        thread that is inside Python when the iterator is destroyed (fit with
+        ``steps_per_epoch``, an exception) deadlocks: the destructor holds the GIL while it
+        waits for that thread.
+        """
         import tensorflow as tf
 
-        # No tf.data prefetch (not even the one tf.data injects by itself): our workers already
-        # produce ahead, and a prefetch thread that is inside this Python generator when the
-        # iterator is destroyed (fit with steps_per_epoch, an exception) deadlocks: the
-        # destructor holds the GIL while it waits for that thread.
-        ds = tf.data.Dataset.from_generator(lambda: iter(self), output_signature=self.element_spec())
+        images_spec, masks_spec = self.element_spec()
+
+        def load(i: Any) -> tuple[Any, Any]:
+            images, masks = tf.numpy_function(self._tf_batch, [i], [images_spec.dtype, masks_spec.dtype],
+                                              stateful=True)
+            images.set_shape(images_spec.shape)
+            masks.set_shape(masks_spec.shape)
+            return images, masks
+
+        ds = tf.data.Dataset.range(len(self)).map(load)  # sequential: batches stay in order
         options = tf.data.Options()
         options.autotune.enabled = False
         options.experimental_optimization.inject_prefetch = False
         return ds.with_options(options)
+
+    def _tf_batch(self, i: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Batch ``i`` of the current tf.data pass; batch 0 starts a new pass."""
+        with self._tf_lock:
+            if int(i) == 0 or self._tf_pass is None:
+                if self._tf_pass is not None:
+                    self._tf_pass.close()
+                self._tf_pass = iter(self)
+            try:
+                return next(self._tf_pass)
+            except StopIteration:
+                self._tf_pass = None
+                raise IndexError(f"batch {int(i)} asked for after the end of the pass ({len(self)} batches)") from None
 
     def to_tf_dataset(self) -> Any:
         """A prefetching ``tf.data.Dataset`` yielding this dataset's batches, one epoch per pass.

@@ -84,7 +84,8 @@ class Feeder:
                                    allocate=self.buffers.empty)
         return self._pool
 
-    def fetch(self, key: Hashable, task: Any, upcoming: Iterable[tuple[Hashable, Any]] = ()) -> dict[str, np.ndarray]:
+    def fetch(self, key: Hashable, task: Any, upcoming: Iterable[tuple[Hashable, Any]] = (), *,
+              start: bool = True) -> dict[str, np.ndarray] | None:
         """Return the batch ``key`` (computing ``task``), scheduling ``upcoming`` ahead.
 
         Parameters
@@ -95,10 +96,14 @@ class Feeder:
             What the producer needs to build it.
         upcoming : iterable of (key, task)
             Batches likely to be asked for next, in order.
+        start : bool
+            Start the pool if it is not running; if False, return None instead.
         """
         if self.inline:
             return self._produce_inline(task)
         with self._lock:
+            if not start and (self._pool is None or self._pool.closed):
+                return None
             self._cancel_timer()
             pool = self._ensure_pool()
             wanted: list[tuple[Hashable, Any]] = [(key, task)]
