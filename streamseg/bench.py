@@ -45,7 +45,7 @@ import numpy as np
 import psutil
 
 from .errors import OptionError, truncate
-from .memcap import _read, cgroup_v2_prepare, run_capped
+from .memcap import cgroup_v2_prepare, run_capped
 from .memory import MemorySampler, memory_snapshot
 
 __all__ = ["measure_fit", "simulated_accelerator", "parse_size", "cgroup_v2_prepare", "format_result",
@@ -175,21 +175,19 @@ def _infer_batch_size(dataset: Any) -> int | None:
 class _TreeSampler(MemorySampler):
     """MemorySampler that also keeps peaks of whole-tree sums (main process + workers)."""
 
-    def _take(self) -> None:
-        snap = memory_snapshot(self._proc)
-        main = _smaps_rollup(self._proc.pid)
-        kids = [_smaps_rollup(c.pid) for c in self._proc.children(recursive=True)]
-        anon = sum(r.get("Pss_Anon", 0) + r.get("Pss_Shmem", 0) for r in [main, *kids])
+    def _take(self, full: bool = True) -> None:
+        if not full:
+            super()._take(full=False)
+            return
+        rollups: dict[int, dict[str, int]] = {}
+        snap = memory_snapshot(self._proc, rollups)
+        main = rollups.get(self._proc.pid, {})
+        anon = sum(r.get("Pss_Anon", 0) + r.get("Pss_Shmem", 0) for r in rollups.values())
         snap.update(pss=main.get("Pss", 0), private=snap["uss"] + snap["children_pss"],
                     tree_pss=main.get("Pss", 0) + snap["children_pss"], tree_anon_pss=anon)
         for k, v in snap.items():
             self.peaks[k] = max(self.peaks.get(k, 0), v)
         self.samples += 1
-
-
-def _smaps_rollup(pid: int) -> dict[str, int]:
-    rows = (line.split() for line in _read(f"/proc/{pid}/smaps_rollup").splitlines())
-    return {r[0].rstrip(":"): int(r[1]) * 1024 for r in rows if len(r) == 3 and r[2] == "kB"}
 
 
 class _GpuSampler(threading.Thread):
@@ -294,7 +292,7 @@ def measure_fit(dataset: Any, *, model: Any = "simulated", step_ms: float = 20.0
     input_shape, num_classes, mask_mode
         For the U-Net (default: from a SegmentationDataset, or from the first batch).
     sample_interval : float
-        Seconds between memory samples.
+        Seconds between memory samples (RSS figures; USS and PSS every fourth sample).
     finish_epoch : bool, optional
         Let the last epoch run to its end, untimed, instead of stopping after the measured
         steps.  An iterator abandoned mid-epoch can hang when it is destroyed while its threads
@@ -348,7 +346,7 @@ def measure_fit(dataset: Any, *, model: Any = "simulated", step_ms: float = 20.0
         compute_s = calibration * steps
     if finish_epoch is None:
         finish_epoch = kind == "simulated" or isinstance(dataset, tf.data.Dataset)
-    gpu, sampler = _GpuSampler().begin(), _TreeSampler(sample_interval).start()
+    gpu, sampler = _GpuSampler().begin(), _TreeSampler(sample_interval, full_every=4).start()
     try:
         timer = _run_fit(keras_model, dataset, warmup, steps, n_batches, bool(finish_epoch))
     finally:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ALIGN_BYTES", "aligned_empty", "BufferRecycler"]
+__all__ = ["ALIGN_BYTES", "aligned_empty", "BufferRecycler", "lend"]
 
 ALIGN_BYTES = 64
 
@@ -51,14 +51,39 @@ def aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = ALIGN_BYTES) 
 
 class _Lease:
     """Exposes a buffer through ``__array_interface__``: every array made from it, and every
-    view of those arrays, keeps this object alive, so its death means the buffer is unused."""
+    view of those arrays, keeps this object alive, so its death means the buffer is unused.
+    ``buffer`` is released before ``hold`` when it dies (slots are cleared in order)."""
 
-    __slots__ = ("buffer", "__array_interface__", "__weakref__")
+    __slots__ = ("buffer", "__array_interface__", "hold", "__weakref__")
 
-    def __init__(self, buffer: np.ndarray) -> None:
+    def __init__(self, buffer: np.ndarray, hold: Any = None) -> None:
+        if not buffer.flags.c_contiguous:
+            raise ValueError("only C-contiguous arrays can be lent")
         self.buffer = buffer
         self.__array_interface__ = {"shape": buffer.shape, "typestr": buffer.dtype.str, "version": 3,
                                     "data": (buffer.ctypes.data, False), "strides": None}
+        self.hold = hold
+
+
+def lend(view: np.ndarray, hold: Any) -> np.ndarray:
+    """An array on ``view``'s memory that keeps ``hold`` alive, as does every view of it.
+
+    A weak reference (``weakref.finalize``) on ``hold`` then tells when nothing uses the
+    memory any more, e.g. to give a shared-memory slot back to its pool.
+
+    Parameters
+    ----------
+    view : numpy.ndarray
+        C-contiguous memory to lend.
+    hold : object
+        Any weak-referenceable object, shared by the arrays lent from one slot.
+
+    Returns
+    -------
+    numpy.ndarray
+        Same shape, dtype and memory as ``view``.
+    """
+    return np.asarray(_Lease(view, hold))
 
 
 class BufferRecycler:

@@ -46,6 +46,11 @@ class Feeder:
         Seconds the pool stays up after an epoch ends without a new request.
     """
 
+    LEND = 3
+    """Batches handed out in place (no copy out of their slot) at once: the one the model
+    works on, the one waiting for it and the one the hand-over thread holds; more are
+    copied.  Each costs one more slot of shared memory."""
+
     def __init__(self, producer: Any, slots: dict[str, tuple[tuple[int, ...], np.dtype]], *,
                  workers: int, use_multiprocessing: bool, max_queue_size: int,
                  start_method: str | None, keep_alive: float) -> None:
@@ -80,8 +85,8 @@ class Feeder:
         if self._pool is None or self._pool.closed:
             self._pool = BatchPool(self.producer, self.slots, workers=max(1, self.workers),
                                    use_processes=self.use_multiprocessing,
-                                   num_slots=self.ahead + 1, start_method=self.start_method,
-                                   allocate=self.buffers.empty)
+                                   num_slots=self.ahead + 1 + self.LEND, start_method=self.start_method,
+                                   lend=self.LEND, allocate=self.buffers.empty)
         return self._pool
 
     def fetch(self, key: Hashable, task: Any, upcoming: Iterable[tuple[Hashable, Any]] = (), *,

@@ -27,7 +27,7 @@ from typing import Any, Callable, Hashable, Mapping, Protocol
 
 import numpy as np
 
-from .buffers import aligned_empty
+from .buffers import aligned_empty, lend
 from .errors import OptionError, StreamsegError, WorkerDiedError, WorkerError
 
 __all__ = ["BatchPool", "Producer"]
@@ -166,6 +166,7 @@ class _ProcessBackend:
                  workers: int, start_method: str | None, poll: float, name: str) -> None:
         ctx = mp.get_context(start_method)
         self.owner, self.closed, self.procs, self.conns = os.getpid(), False, [], []
+        self.holds: weakref.WeakSet = weakref.WeakSet()  # of _SlotHold: lent slots in use
         self.tasks, self.stop = ctx.Queue(), ctx.RawValue("b", 0)
         prefix, size = re.sub(r"[^A-Za-z0-9_-]", "", name)[:12] or "streamseg", stride * num_slots
         self.shm: Any = shared_memory.SharedMemory(
@@ -244,8 +245,9 @@ class _ProcessBackend:
         self.tasks.cancel_join_thread()  # never block exit on undelivered tasks
         self.tasks.close()
         self.views = None
-        with suppress(BufferError):
-            self.shm.close()
+        if not self.holds:  # arrays lent from a slot keep the segment mapped until they go
+            with suppress(BufferError):
+                self.shm.close()
         with suppress(FileNotFoundError):
             self.shm.unlink()
 
@@ -256,7 +258,8 @@ class _ThreadBackend:
     def __init__(self, producer: Any, fields: Fields, num_slots: int, rows: int, workers: int,
                  name: str) -> None:
         self.producer, self.rows, self.shm = producer, rows, None
-        self.views: list | None = [{n: np.empty(shape, dtype) for n, (shape, dtype, _) in
+        self.holds: weakref.WeakSet = weakref.WeakSet()
+        self.views: list | None = [{n: aligned_empty(shape, dtype) for n, (shape, dtype, _) in
                                     fields.items()} for _ in range(num_slots)]
         self.setup = _Once(getattr(producer, "setup", None))
         self.tasks: queue.SimpleQueue = queue.SimpleQueue()
@@ -301,6 +304,15 @@ class _ThreadBackend:
         self.views = None
 
 
+class _SlotHold:
+    """Alive while an array lent from a slot is; keeps the shared memory mapped meanwhile."""
+
+    __slots__ = ("shm", "__weakref__")
+
+    def __init__(self, shm: Any) -> None:
+        self.shm = shm
+
+
 class _Entry:
     """Book-keeping of one submitted task."""
 
@@ -337,6 +349,10 @@ class BatchPool:
         Seconds between liveness checks (of the workers, and of the parent in them).
     name : str
         Prefix of the worker names and of the shared-memory segment.
+    lend : int
+        At most this many results are handed out as arrays on their slot's memory, with
+        no copy; the slot returns to the pool once no array or view on it is left.  Other
+        results are copied out.  Make ``num_slots`` larger by as much.
     allocate : callable, optional
         ``allocate(shape, dtype)`` gives the array a result is copied into (default: a
         fresh 64-byte aligned array, e.g. ``BufferRecycler.empty`` to reuse memory).
@@ -354,7 +370,8 @@ class BatchPool:
     def __init__(self, producer: Producer, slots: Mapping[str, tuple[tuple[int, ...], np.dtype]],
                  *, workers: int = 1, use_processes: bool = True, num_slots: int = 4,
                  start_method: str | None = None, poll_interval: float = 0.1,
-                 name: str = "streamseg", allocate: Callable[..., np.ndarray] | None = None) -> None:
+                 name: str = "streamseg", lend: int = 0,
+                 allocate: Callable[..., np.ndarray] | None = None) -> None:
         if not callable(getattr(producer, "produce", None)):
             raise OptionError(f"producer needs a produce(task, out) method; got {producer!r}")
         if int(workers) < 0 or int(num_slots) < 1 or not poll_interval > 0:
@@ -363,6 +380,8 @@ class BatchPool:
         fields, stride, self._rows = _layout(slots)
         self._poll, self._next_ticket, self._broken = float(poll_interval), 0, None
         self._allocate = allocate or aligned_empty
+        self._lend_max, self._lent = max(0, int(lend)), set()
+        self._returned: deque[int] = deque()  # lent slots given back, from any thread
         self._pending: dict[Hashable, _Entry] = {}  # by key, in submission order
         self._tickets: dict[int, _Entry] = {}  # sent to a worker and not reported yet
         self._backlog: deque[_Entry] = deque()
@@ -440,6 +459,8 @@ class BatchPool:
         self._pump(0.0, entry.ticket)  # a dead worker is reported even when results are ready
         while entry.state not in ("done", "failed"):
             if entry.slot is None and not self._free:
+                self._reclaim()
+            if entry.slot is None and not self._free:
                 self._evict()  # unclaimed results hold every slot: move one to the heap
             left = self._poll if deadline is None else deadline - time.monotonic()
             self._pump(max(0.0, min(self._poll, left)), entry.ticket)
@@ -455,7 +476,10 @@ class BatchPool:
                 raise original
             raise WorkerError(f"producing key {key!r} failed in a worker: {kind}: {message}"
                               f"\n\nWorker traceback:\n{trace.rstrip()}") from original
-        return entry.data if entry.data is not None else self._copy(entry)
+        if entry.data is not None:
+            return entry.data
+        self._reclaim()
+        return self._lend(entry) if len(self._lent) < self._lend_max else self._copy(entry)
 
     def pending(self) -> set:
         """Keys submitted and not yet returned by :meth:`result` nor discarded."""
@@ -500,6 +524,7 @@ class BatchPool:
 
     def _dispatch(self) -> None:
         """Give free slots to backlogged tasks, oldest first, and send them to the workers."""
+        self._reclaim()
         while self._backlog and self._free:
             entry = self._backlog.popleft()
             entry.slot, entry.state = self._free.pop(), "queued"
@@ -522,6 +547,24 @@ class BatchPool:
             np.copyto(data[name], view[:entry.n])
         self._release(entry)
         return data
+
+    def _lend(self, entry: _Entry) -> dict[str, np.ndarray]:
+        """Hand out ``entry``'s rows in place; the slot comes back when they are all gone."""
+        hold, slot = _SlotHold(self._backend.shm), entry.slot
+        self._backend.holds.add(hold)
+        data = {name: lend(view[:entry.n], hold) for name, view in self._backend.views[slot].items()}
+        weakref.finalize(hold, self._returned.append, slot).atexit = False
+        self._lent.add(slot)
+        entry.slot = None
+        return data
+
+    def _reclaim(self) -> None:
+        """Put lent slots whose arrays are gone back on the free list."""
+        while self._returned:
+            slot = self._returned.popleft()
+            self._lent.discard(slot)
+            if not self.closed:
+                self._free.append(slot)
 
     def _evict(self) -> None:
         """Move the oldest finished, unclaimed result out of its slot to free the slot."""

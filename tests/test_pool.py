@@ -346,3 +346,44 @@ def test_no_leaks_at_interpreter_exit(tmp_path, mode, method):
         return
     assert proc.returncode == 0 and "Traceback" not in err, err
     assert ("DIED" in out) == (mode == "kill")
+
+
+def shares_a_slot(arr: np.ndarray, pool: BatchPool) -> bool:
+    return any(np.shares_memory(arr, view) for slot in pool._backend.views for view in slot.values())
+
+
+@pytest.mark.parametrize("kind", [KINDS[0], KINDS[-2]])
+def test_lent_results_are_in_place_and_their_slot_waits_for_them(kind):
+    with make_pool(kind, workers=1, num_slots=2, lend=1) as pool:
+        pool.submit("a", H.task(1))
+        a = pool.result("a", timeout=WAIT)
+        assert shares_a_slot(a["x"], pool) and a["x"].ctypes.data % 64 == 0  # no copy
+        held = a["x"][1:]  # a view holds the slot as well
+        del a
+        gc.collect()
+        pool.submit("b", H.task(2))
+        b = pool.result("b", timeout=WAIT)  # one lent already: copied
+        assert not shares_a_slot(b["x"], pool)
+        check(b, 2)
+        for i in range(3, 9):  # the one free slot turns over; the lent one is not touched
+            pool.submit(i, H.task(i))
+            check(pool.result(i, timeout=WAIT), i)
+            np.testing.assert_array_equal(held, H.expected(1)["x"][1:])
+        del held
+        gc.collect()
+        pool.submit("c", H.task(9))
+        c = pool.result("c", timeout=WAIT)
+        assert shares_a_slot(c["x"], pool)  # the slot came back: lending again
+        check(c, 9)
+
+
+def test_lent_results_outlive_close():
+    pool = make_pool(KINDS[0].values[0], workers=1, num_slots=3, lend=2)
+    pids, shm_name = pool.pids, pool.shm_name
+    pool.submit("a", H.task(4))
+    a = pool.result("a", timeout=WAIT)
+    pool.close()
+    assert_clean(pool, pids, shm_name)  # workers gone, name unlinked ...
+    check(a, 4)  # ... and the memory still readable until the arrays go
+    del a
+    gc.collect()
