@@ -6,7 +6,8 @@ Usage::
 
 First ``streamseg bench --step-ms 0`` measures the pipeline's capacity (batches/s); then the
 simulated accelerator is set to spend ``1 / (share * capacity)`` per batch, so it asks for
-``share`` of that capacity, and the stall fraction of that run is reported.
+``share`` of that capacity, and the stall fraction of that run is reported: ``stall`` against
+the same loop fed from memory (``floor_s``), ``overhead`` against the bare simulated compute.
 """
 
 from __future__ import annotations
@@ -39,17 +40,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--augment", default="standard")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per share (each with its own floor)")
     ap.add_argument("--out", default="benchmarks/results/stall.json")
     args = ap.parse_args()
     capacity = bench(args.store, 0.0, args)
     rows = [{"share": 0.0, "step_ms": 0.0, "batches_per_s": capacity["batches_per_s"],
              "samples_per_s": capacity["samples_per_s"], "stall": None}]
-    for share in args.share:
+    for share in [s for s in args.share for _ in range(args.repeat)]:
         step_ms = 1000.0 / (share * capacity["batches_per_s"])
         r = bench(args.store, step_ms, args)
         rows.append({"share": share, "step_ms": step_ms, "batches_per_s": r["batches_per_s"],
                      "samples_per_s": r["samples_per_s"], "stall": r["stall_fraction"],
-                     "step_ms_p95": r["step_ms_p95"]})
+                     "overhead": r["overhead_fraction"], "floor_s": r["floor_s"], "wall_s": r["wall_s"],
+                     "step_ms_p50": r["step_ms_p50"], "step_ms_p95": r["step_ms_p95"]})
     for row in rows:
         print(json.dumps(row))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
