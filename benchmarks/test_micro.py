@@ -102,9 +102,12 @@ class _Fill:
         return out["images"].shape[0]
 
 
-def test_transport_shared_memory(benchmark):
+@pytest.mark.parametrize("lend", [0, 1], ids=["copied-out", "lent-in-place"])
+def test_transport_shared_memory(benchmark, lend):
+    """The worker fills a slot (33.6 MB); the main process copies it out, or gets it lent."""
     slots = {"images": ((B, 256, 256, 3), np.dtype(np.float32)), "masks": ((B, 256, 256, 1), np.dtype(np.int32))}
-    with BatchPool(_Fill(), slots, workers=1, use_processes=True, num_slots=2, start_method="fork") as pool:
+    with BatchPool(_Fill(), slots, workers=1, use_processes=True, num_slots=2 + lend, start_method="fork",
+                   lend=lend) as pool:
         counter = iter(range(10**9))
 
         def handover():
