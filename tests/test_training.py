@@ -140,3 +140,30 @@ def test_to_tf_dataset_matches_getitem(synth_store):
     for (ei, em), (gi, gm) in zip(expected, got):
         np.testing.assert_array_equal(ei, gi)
         np.testing.assert_array_equal(em, gm)
+
+
+@pytest.mark.parametrize("workers, mp", [(0, False), (2, True)])
+def test_interpreter_exits_with_a_tf_iterator_left_mid_epoch(tmp_path, workers, mp):
+    """The interpreter exits cleanly with an iterator left mid-epoch.  (Run by hand, the same
+    script with a ``prefetch(1)`` after our numpy_function hung or aborted at exit every time:
+    a tf.data thread was inside our Python code.  That is why there is no prefetch.)"""
+    import subprocess
+    import sys
+    import textwrap
+
+    from streamseg.converter import convert_source
+    from streamseg.sources import SynthSource
+
+    store = convert_source(SynthSource(32, size=(128, 128), classes=3), tmp_path / "s.zarr", progress=False)
+    script = textwrap.dedent(f"""
+        from streamseg import SegmentationDataset
+        ds = SegmentationDataset({str(store.path)!r}, 8, augment="heavy", num_classes=3, workers={workers},
+                                 use_multiprocessing={mp})
+        it = iter(ds.to_tf_dataset())
+        next(it)
+        next(it)
+        print("left mid-epoch", flush=True)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "left mid-epoch" in out.stdout
