@@ -397,7 +397,7 @@ def format_result(r: dict[str, Any]) -> str:
     gpu = (f"{r['gpu_util_percent']:.0f}% util, peak {_mib(r['gpu_memory_peak_bytes'])} ({r['gpu_name']})"
            if r["gpu_util_percent"] != NA else f"n/a ({r['gpu_note']})")
     rows = [
-        ("store", f"{s.get('path')} ({s.get('format')}, {s.get('count')} x {s.get('image_shape')}, "
+        ("store", f"{s.get('path')} ({s.get('format')}, {s.get('count')} x {tuple(s.get('image_shape') or ())[1:]}, "
                   f"{_mib(s.get('disk_bytes'))} on disk, {_mib(s.get('raw_bytes'))} raw; "
                   f"machine RAM {_mib(r.get('machine', {}).get('ram_total_bytes'))})"),
         ("consumer", consumer),

@@ -81,6 +81,7 @@ def test_bench_cli_json_fields(tiny_store, tmp_path, capsys):
                             "backend": "zarr"}
     text = capsys.readouterr().out
     assert "samples/s" in text and "input stall" in text and "memory peak" in text
+    assert "24 x (32, 32, 3)" in text  # samples x one sample's shape
 
 
 def test_bench_threads_and_memory_cap_report(tiny_store, tmp_path):
