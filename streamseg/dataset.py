@@ -299,15 +299,15 @@ class SegmentationDataset(PyDataset, _DataAdapter):  # type: ignore[misc,valid-t
             raise RuntimeError("no batch from the feeder")
         return out
 
-    def _fetch_raw(self, epoch: int, i: int, upcoming: range,
-                   start: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
+    def _fetch_raw(self, epoch: int, i: int, upcoming: range, start: bool = True,
+                   lend: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
         key, task = self._task(epoch, i)
         # Ahead of the last batches of an epoch come the first ones of the next epoch (its
         # order is a pure function of (seed, epoch)), so the first step of an epoch does not
         # wait for the workers to start over.  A wrong guess is dropped by the next fetch.
         ahead = itertools.chain((self._task(epoch, j) for j in upcoming),
                                 (self._task(epoch + 1, j) for j in range(len(self))))
-        out = self._feeder.fetch(key, task, ahead, start=start)
+        out = self._feeder.fetch(key, task, ahead, start=start, lend=lend)
         return None if out is None else (out["images"], out["masks"])
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -357,9 +357,10 @@ class SegmentationDataset(PyDataset, _DataAdapter):  # type: ignore[misc,valid-t
                 # Only after a complete pass: an abandoned generator may be closed by tf.data's
                 # iterator destructor at interpreter exit, where starting timers is unsafe.
                 self._feeder.epoch_finished(keep=lambda key: key[0] > epoch)
-                if not sys.is_finalizing():
-                    carry = self._carry = _Carry((epoch + 1, 0))  # set before the pass ends
-                if offer(_END_OF_EPOCH) and carry is not None:
+                # Published only once the consumer has taken every batch (the end marker went
+                # in): a next pass never waits on a carry whose pass is still in progress.
+                if offer(_END_OF_EPOCH) and not sys.is_finalizing():
+                    carry = self._carry = _Carry((epoch + 1, 0))
                     self._collect_carry(carry, epoch, n)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer's thread
                 offer(exc)
@@ -382,7 +383,8 @@ class SegmentationDataset(PyDataset, _DataAdapter):  # type: ignore[misc,valid-t
     def _collect_carry(self, carry: _Carry, epoch: int, n: int) -> None:
         """Collect batch 0 of ``epoch + 1`` for the next pass (a guess: unused if it is not)."""
         try:
-            carry.batch = self._fetch_raw(epoch + 1, 0, range(1, n), start=False)  # not after close()
+            # a copy, not a batch lent from a shared-memory slot: the carry may wait long
+            carry.batch = self._fetch_raw(epoch + 1, 0, range(1, n), start=False, lend=False)
             self._feeder.epoch_finished(keep=lambda key: key[0] > epoch)  # re-arm keep_alive
         except BaseException:  # noqa: BLE001 - the next pass asks again and gets the error itself
             carry.batch = None

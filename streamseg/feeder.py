@@ -90,7 +90,7 @@ class Feeder:
         return self._pool
 
     def fetch(self, key: Hashable, task: Any, upcoming: Iterable[tuple[Hashable, Any]] = (), *,
-              start: bool = True) -> dict[str, np.ndarray] | None:
+              start: bool = True, lend: bool = True) -> dict[str, np.ndarray] | None:
         """Return the batch ``key`` (computing ``task``), scheduling ``upcoming`` ahead.
 
         Parameters
@@ -103,6 +103,8 @@ class Feeder:
             Batches likely to be asked for next, in order.
         start : bool
             Start the pool if it is not running; if False, return None instead.
+        lend : bool
+            Allow the batch to be lent in place from its slot (else it is copied out).
         """
         if self.inline:
             return self._produce_inline(task)
@@ -124,7 +126,7 @@ class Feeder:
                 if k not in pending:
                     pool.submit(k, t)
             try:  # under the lock: a concurrent caller must not drop this key meanwhile
-                return pool.result(key)
+                return pool.result(key, lend=lend)
             except BaseException:
                 self.close()
                 raise

@@ -434,8 +434,11 @@ class BatchPool:
         self._backlog.append(entry)
         self._dispatch()
 
-    def result(self, key: Hashable, timeout: float | None = None) -> dict[str, np.ndarray]:
-        """Wait for ``key``; return copies of its arrays cut to the rows produced.
+    def result(self, key: Hashable, timeout: float | None = None, lend: bool = True) -> dict[str, np.ndarray]:
+        """Wait for ``key``; return its arrays cut to the rows produced.
+
+        They are lent in place from the slot while fewer than ``lend`` (the pool's option)
+        results are lent and ``lend`` (the argument) is true; otherwise copies.
 
         Results finishing meanwhile are kept until asked for; on ``TimeoutError``
         the key stays pending.
@@ -479,7 +482,7 @@ class BatchPool:
         if entry.data is not None:
             return entry.data
         self._reclaim()
-        return self._lend(entry) if len(self._lent) < self._lend_max else self._copy(entry)
+        return self._lend(entry) if lend and len(self._lent) < self._lend_max else self._copy(entry)
 
     def pending(self) -> set:
         """Keys submitted and not yet returned by :meth:`result` nor discarded."""

@@ -252,3 +252,24 @@ def test_batches_are_aligned_and_their_memory_is_recycled(labelled_store):
             assert not any(np.shares_memory(images, k) for k in kept)
         assert ds._feeder.buffers.reused > 0
         np.testing.assert_array_equal(np.round(kept[0][0, 0, 0, 0] * 255), ds.epoch_indices()[0])
+
+
+def test_a_pass_left_one_batch_short_does_not_block_the_next(labelled_store):
+    """The last batch still queued for an iterator that is kept but not finished: the next
+    pass must not wait for that pass's look-ahead into the next epoch."""
+    import threading
+
+    store, _ = labelled_store
+    ds = SegmentationDataset(store, 8, num_classes=256, workers=2, use_multiprocessing=True)
+    with ds:
+        it = iter(ds)
+        for _ in range(len(ds) - 1):
+            next(it)
+        ds.on_epoch_end()
+        got = []
+        reader = threading.Thread(target=lambda: got.append(next(iter(ds))), daemon=True)
+        reader.start()
+        reader.join(20)
+        assert got, "the next pass blocked"
+        np.testing.assert_array_equal(got[0][1][:, 0, 0, 0], ds.batch_indices(0))
+        it.close()
