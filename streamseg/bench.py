@@ -163,6 +163,16 @@ def _first_batch(dataset: Any) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(batch[0]), np.asarray(batch[1])
 
 
+def _cached_batch(dataset: Any, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A batch to keep in memory: zeros shaped from a SegmentationDataset's spec (reading one
+    would start its workers and use its epoch), else a copy of the dataset's first batch."""
+    spec = getattr(dataset, "element_spec", None)
+    if callable(spec):
+        return tuple(np.zeros((batch_size,) + tuple(t.shape[1:]), t.dtype.as_numpy_dtype) for t in spec())
+    x, y = _first_batch(dataset)
+    return np.array(x), np.array(y)
+
+
 def _infer_batch_size(dataset: Any) -> int | None:
     b = getattr(dataset, "batch_size", None)
     if isinstance(b, (int, np.integer)) and b > 0:
@@ -322,7 +332,7 @@ def measure_fit(dataset: Any, *, model: Any = "simulated", step_ms: float = 20.0
     elif isinstance(model, str) and model == "unet":
         from .models import small_unet
 
-        x, y = batch = _first_batch(dataset)
+        x, y = batch = tuple(np.array(a) for a in _first_batch(dataset))  # a copy: no slot held
         shape = input_shape or getattr(getattr(dataset, "store", None), "image_shape", None) or x.shape[1:]
         k = num_classes or getattr(dataset, "num_classes", None) or int(y.max()) + 1
         keras_model, kind = small_unet(tuple(shape), int(k), mask_mode=mask_mode), "unet"
@@ -332,7 +342,7 @@ def measure_fit(dataset: Any, *, model: Any = "simulated", step_ms: float = 20.0
         raise OptionError(f"model must be 'simulated', 'unet' or a compiled keras.Model. Received: {truncate(model)}")
     calibration = floor_s = None
     if kind == "simulated" and step_ms > 0:  # the same loop fed from memory: Keras' own overhead
-        x, y = _first_batch(dataset)
+        x, y = _cached_batch(dataset, batch_size)
         cached = tf.data.Dataset.from_tensors((x, y))
         cached = cached.repeat(n_batches) if n_batches else cached.repeat()
         floor = _run_fit(keras_model, cached, warmup, steps, n_batches, finish_epoch=True)
