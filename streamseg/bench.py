@@ -348,7 +348,7 @@ def measure_fit(dataset: Any, *, model: Any = "simulated", step_ms: float = 20.0
         floor = _run_fit(keras_model, cached, warmup, steps, n_batches, finish_epoch=True)
         floor_s = floor.times[-1] - floor.t0
     if compute_s is None:  # measured compute: the same fit loop on one cached in-memory batch
-        x, y = batch if kind == "unet" else _first_batch(dataset)
+        x, y = batch if kind == "unet" else tuple(np.array(a) for a in _first_batch(dataset))
         cal_steps = min(steps, _CALIBRATION_STEPS)
         cached = tf.data.Dataset.from_tensors((x, y)).repeat()
         cal = _run_fit(keras_model, cached, max(2, warmup), cal_steps, None, finish_epoch=False)
