@@ -20,6 +20,7 @@ import os
 import queue
 import sys
 import threading
+import weakref
 from typing import Any
 
 import numpy as np
@@ -249,7 +250,12 @@ class SegmentationDataset(PyDataset, _DataAdapter):  # type: ignore[misc,valid-t
         slots = {"images": ((b, h, w, c), np.dtype(np.float32)), "masks": self.options.mask_spec(b, h, w)}
         self._feeder = Feeder(BatchProducer(self.store, self.options), slots, workers=int(workers),
                               use_multiprocessing=bool(mp_flag), max_queue_size=int(queue),
-                              start_method=o["start_method"], keep_alive=float(o["keep_alive"]))
+                              start_method=o["start_method"], keep_alive=float(o["keep_alive"]),
+                              on_close=weakref.WeakMethod(self._forget_carry))
+
+    def _forget_carry(self) -> None:
+        """The workers stopped (close(), keep_alive or an error): drop the next epoch's batch."""
+        self._carry = None
 
     # ------------------------------------------------------------------ Sequence protocol
     def __len__(self) -> int:

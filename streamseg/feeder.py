@@ -44,6 +44,8 @@ class Feeder:
         ``"fork"``, ``"forkserver"``, ``"spawn"`` or None for the platform default.
     keep_alive : float
         Seconds the pool stays up after an epoch ends without a new request.
+    on_close : weakref.WeakMethod, optional
+        Called (if still alive) whenever the pool is closed.
     """
 
     LEND = 3
@@ -53,7 +55,7 @@ class Feeder:
 
     def __init__(self, producer: Any, slots: dict[str, tuple[tuple[int, ...], np.dtype]], *,
                  workers: int, use_multiprocessing: bool, max_queue_size: int,
-                 start_method: str | None, keep_alive: float) -> None:
+                 start_method: str | None, keep_alive: float, on_close: Any = None) -> None:
         self.producer = producer
         self.slots = slots
         self.workers = workers
@@ -65,6 +67,7 @@ class Feeder:
         self._lock = threading.RLock()
         self._timer: threading.Timer | None = None
         self.buffers = BufferRecycler()
+        self.on_close = on_close
 
     @property
     def inline(self) -> bool:
@@ -168,3 +171,6 @@ class Feeder:
                 self._pool.close()
                 self._pool = None
             self.buffers.clear()
+            callback = self.on_close() if self.on_close is not None else None
+            if callback is not None:
+                callback()

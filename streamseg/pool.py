@@ -69,10 +69,10 @@ def _layout(slots: Mapping[str, tuple[tuple[int, ...], Any]]) -> tuple[Fields, i
     return fields, -(-offset // _ALIGN) * _ALIGN, rows
 
 
-def _views(buf: Any, fields: Fields, stride: int, num_slots: int) -> list[dict[str, np.ndarray]]:
-    """Numpy views of every slot laid out in ``buf``."""
-    return [{name: np.ndarray(shape, dtype, buffer=buf, offset=s * stride + off)
-             for name, (shape, dtype, off) in fields.items()} for s in range(num_slots)]
+def _views(bufs: list[Any], fields: Fields) -> list[dict[str, np.ndarray]]:
+    """Numpy views of every slot, one buffer (shared-memory segment) per slot."""
+    return [{name: np.ndarray(shape, dtype, buffer=buf, offset=off)
+             for name, (shape, dtype, off) in fields.items()} for buf in bufs]
 
 
 class _Once:
@@ -108,13 +108,13 @@ def _produce(producer: Any, setup: _Once, out: dict[str, np.ndarray], rows: int,
         return ("error", ticket, (type(exc).__name__, str(exc), traceback.format_exc(), blob))
 
 
-def _process_worker(producer: Any, shm_name: str, fields: Fields, stride: int, num_slots: int,
-                    rows: int, tasks: Any, stop: Any, conn: Any, poll: float) -> None:
+def _process_worker(producer: Any, shm_names: list[str], fields: Fields, rows: int, tasks: Any,
+                    stop: Any, conn: Any, poll: float) -> None:
     """Main loop of a worker process: take a task, fill its slot, send ``(ticket, n)``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process' business
     parent, ppid = mp.parent_process(), os.getppid()
-    shm = shared_memory.SharedMemory(name=shm_name)  # registers with the parent's tracker
-    views = _views(shm.buf, fields, stride, num_slots)
+    shms = [shared_memory.SharedMemory(name=n) for n in shm_names]  # registers with the parent's tracker
+    views = _views([shm.buf for shm in shms], fields)
     setup = _Once(getattr(producer, "setup", None))
     try:
         while not stop.value:
@@ -135,8 +135,9 @@ def _process_worker(producer: Any, shm_name: str, fields: Fields, stride: int, n
     finally:
         del views
         conn.close()
-        with suppress(BufferError):  # the producer kept a view of a slot; exit unmaps it anyway
-            shm.close()
+        for shm in shms:
+            with suppress(BufferError):  # the producer kept a view of a slot; exit unmaps it anyway
+                shm.close()
 
 
 def _thread_worker(producer: Any, setup: _Once, views: list, rows: int,
@@ -160,7 +161,8 @@ def _describe_exit(code: int | None) -> str:
 
 
 class _ProcessBackend:
-    """Persistent worker processes writing into one shared-memory segment."""
+    """Persistent worker processes writing into shared memory, one segment per slot (so an
+    array lent from a slot keeps only that slot's segment mapped)."""
 
     def __init__(self, producer: Any, fields: Fields, stride: int, num_slots: int, rows: int,
                  workers: int, start_method: str | None, poll: float, name: str) -> None:
@@ -168,30 +170,33 @@ class _ProcessBackend:
         self.owner, self.closed, self.procs, self.conns = os.getpid(), False, [], []
         self.holds: weakref.WeakSet = weakref.WeakSet()  # of _SlotHold: lent slots in use
         self.tasks, self.stop = ctx.Queue(), ctx.RawValue("b", 0)
-        prefix, size = re.sub(r"[^A-Za-z0-9_-]", "", name)[:12] or "streamseg", stride * num_slots
-        self.shm: Any = shared_memory.SharedMemory(
-            name=f"{prefix}_{os.getpid()}_{secrets.token_hex(4)}", create=True, size=max(1, size))
+        prefix = re.sub(r"[^A-Za-z0-9_-]", "", name)[:12] or "streamseg"
+        token = f"{prefix}_{os.getpid()}_{secrets.token_hex(4)}"
+        self.shms: list[Any] = []
         # children start with SIGINT ignored (fork copies it, exec keeps it); not under
         # forkserver, whose children take the server's handlers (and it serves others too)
         old = signal.getsignal(signal.SIGINT)
         mask = threading.current_thread() is threading.main_thread() and old is not None \
             and ctx.get_start_method() != "forkserver"
         try:
-            if hasattr(os, "posix_fallocate") and getattr(self.shm, "_fd", -1) >= 0:
-                try:  # reserve the pages now: a full /dev/shm would SIGBUS the workers later
-                    os.posix_fallocate(self.shm._fd, 0, max(1, size))
-                except OSError as exc:
-                    raise OSError(exc.errno, f"no room for {size / 2**20:.0f} MiB in /dev/shm; "
-                                  "lower num_slots or the batch size, enlarge /dev/shm (docker "
-                                  "--shm-size) or use use_processes=False") from exc
-            self.views: list | None = _views(self.shm.buf, fields, stride, num_slots)
+            for s in range(num_slots):
+                shm = shared_memory.SharedMemory(name=f"{token}_{s}", create=True, size=max(1, stride))
+                self.shms.append(shm)
+                if hasattr(os, "posix_fallocate") and getattr(shm, "_fd", -1) >= 0:
+                    try:  # reserve the pages now: a full /dev/shm would SIGBUS the workers later
+                        os.posix_fallocate(shm._fd, 0, max(1, stride))
+                    except OSError as exc:
+                        raise OSError(exc.errno, f"no room for {num_slots} x {stride / 2**20:.0f} MiB in "
+                                      "/dev/shm; lower num_slots or the batch size, enlarge /dev/shm "
+                                      "(docker --shm-size) or use use_processes=False") from exc
+            self.views: list | None = _views([shm.buf for shm in self.shms], fields)
             if mask:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
             for i in range(workers):
                 reader, writer = ctx.Pipe(duplex=False)
                 self.procs.append(ctx.Process(
                     target=_process_worker, name=f"{name}-worker-{i}", daemon=True,
-                    args=(producer, self.shm.name, fields, stride, num_slots, rows, self.tasks,
+                    args=(producer, [shm.name for shm in self.shms], fields, rows, self.tasks,
                           self.stop, writer, poll)))
                 self.conns.append(reader)
                 try:
@@ -245,11 +250,13 @@ class _ProcessBackend:
         self.tasks.cancel_join_thread()  # never block exit on undelivered tasks
         self.tasks.close()
         self.views = None
-        if not self.holds:  # arrays lent from a slot keep the segment mapped until they go
-            with suppress(BufferError):
-                self.shm.close()
-        with suppress(FileNotFoundError):
-            self.shm.unlink()
+        held = {id(hold.shm) for hold in list(self.holds)}
+        for shm in self.shms:
+            if id(shm) not in held:  # an array lent from a slot keeps its segment mapped until it goes
+                with suppress(BufferError):
+                    shm.close()
+            with suppress(FileNotFoundError):
+                shm.unlink()
 
 
 class _ThreadBackend:
@@ -257,7 +264,7 @@ class _ThreadBackend:
 
     def __init__(self, producer: Any, fields: Fields, num_slots: int, rows: int, workers: int,
                  name: str) -> None:
-        self.producer, self.rows, self.shm = producer, rows, None
+        self.producer, self.rows, self.shms = producer, rows, []
         self.holds: weakref.WeakSet = weakref.WeakSet()
         self.views: list | None = [{n: aligned_empty(shape, dtype) for n, (shape, dtype, _) in
                                     fields.items()} for _ in range(num_slots)]
@@ -305,7 +312,7 @@ class _ThreadBackend:
 
 
 class _SlotHold:
-    """Alive while an array lent from a slot is; keeps the shared memory mapped meanwhile."""
+    """Alive while an array lent from a slot is; keeps the slot's segment mapped meanwhile."""
 
     __slots__ = ("shm", "__weakref__")
 
@@ -406,9 +413,9 @@ class BatchPool:
         return [p.pid for p in getattr(self._backend, "procs", []) if p.pid is not None]
 
     @property
-    def shm_name(self) -> str | None:
-        """Name of the shared-memory segment (None for threads)."""
-        return None if self._backend.shm is None else self._backend.shm.name
+    def shm_names(self) -> list[str]:
+        """Names of the shared-memory segments, one per slot (empty for threads)."""
+        return [shm.name for shm in self._backend.shms]
 
     @property
     def closed(self) -> bool:
@@ -426,7 +433,7 @@ class BatchPool:
         self._check_open()
         if key in self._pending:
             raise ValueError(f"key {key!r} is already pending; call result() or discard() first")
-        if self._backend.shm is not None:  # pickle now: fail here, not in the feeder thread
+        if self._backend.shms:  # pickle now: fail here, not in the feeder thread
             task = pickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL)
         entry = _Entry(key, self._next_ticket, task)
         self._next_ticket += 1
@@ -553,7 +560,8 @@ class BatchPool:
 
     def _lend(self, entry: _Entry) -> dict[str, np.ndarray]:
         """Hand out ``entry``'s rows in place; the slot comes back when they are all gone."""
-        hold, slot = _SlotHold(self._backend.shm), entry.slot
+        slot = entry.slot
+        hold = _SlotHold(self._backend.shms[slot] if self._backend.shms else None)
         self._backend.holds.add(hold)
         data = {name: lend(view[:entry.n], hold) for name, view in self._backend.views[slot].items()}
         weakref.finalize(hold, self._returned.append, slot).atexit = False

@@ -273,3 +273,18 @@ def test_a_pass_left_one_batch_short_does_not_block_the_next(labelled_store):
         assert got, "the next pass blocked"
         np.testing.assert_array_equal(got[0][1][:, 0, 0, 0], ds.batch_indices(0))
         it.close()
+
+
+def test_keep_alive_stops_workers_and_drops_the_next_epochs_batch(labelled_store):
+    import time
+
+    store, _ = labelled_store
+    ds = SegmentationDataset(store, 8, num_classes=256, workers=2, use_multiprocessing=True, keep_alive=0.3)
+    assert len(list(ds)) == len(ds)
+    deadline = time.monotonic() + 10
+    while (ds._feeder.pool is not None or ds._carry is not None) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ds._feeder.pool is None and ds._carry is None  # nothing held after keep_alive
+    ds.on_epoch_end()
+    assert len(list(ds)) == len(ds)  # and the next epoch starts the workers again
+    ds.close()

@@ -46,13 +46,12 @@ def helper_pids() -> set[int]:
     return {p for p in pids if p}
 
 
-def assert_clean(pool: BatchPool, worker_pids: list[int], shm_name: str | None) -> None:
+def assert_clean(pool: BatchPool, worker_pids: list[int], shm_names: list[str]) -> None:
     assert pool.closed
     children = {c.pid for c in psutil.Process().children(recursive=True)}
     assert not children & set(worker_pids)
     assert not children - helper_pids(), "stray child processes after close()"
-    if shm_name is not None:
-        assert not Path("/dev/shm", shm_name).exists()
+    assert not any(Path("/dev/shm", name).exists() for name in shm_names)
 
 
 def check(result: dict, i: int, n: int = H.ROWS) -> None:
@@ -67,7 +66,7 @@ def check(result: dict, i: int, n: int = H.ROWS) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_results_match_in_process(kind):
     pool = make_pool(kind, num_slots=3)
-    pids, shm_name = pool.pids, pool.shm_name
+    pids, shm_names = pool.pids, pool.shm_names
     assert len(pids) == (2 if kind[0] == "process" else 0)
     assert pool.workers == (0 if kind[0] == "sync" else 2)
     with pool:
@@ -86,7 +85,7 @@ def test_results_match_in_process(kind):
             for i in range(3):
                 check(pool.result(i, timeout=WAIT), 10 * epoch + i)
         assert pool.pids == pids
-    assert_clean(pool, pids, shm_name)
+    assert_clean(pool, pids, shm_names)
     pool.close()  # idempotent
 
 
@@ -127,7 +126,7 @@ def test_produce_returning_bad_count_is_an_error():
 @pytest.mark.parametrize("method", [m for m in ("fork", "spawn") if m in METHODS])
 def test_killed_worker_raises_worker_died(method):
     pool = make_pool(("process", method), workers=1)
-    pids, shm_name = pool.pids, pool.shm_name
+    pids, shm_names = pool.pids, pool.shm_names
     pool.submit("quick", H.task(0))
     check(pool.result("quick", timeout=WAIT), 0)  # the worker is up and running
     pool.submit("slow", H.task(1, sleep=60))
@@ -141,7 +140,7 @@ def test_killed_worker_raises_worker_died(method):
     text = str(info.value)
     assert str(pids[0]) in text and "SIGKILL" in text and "out-of-memory" in text
     assert "'slow'" in text and "'next'" in text
-    assert_clean(pool, pids, shm_name)
+    assert_clean(pool, pids, shm_names)
     with pytest.raises(WorkerDiedError):  # the pool stays closed and says why
         pool.submit("again", H.task(3))
     pool.close()
@@ -154,12 +153,12 @@ class Exiter(H.Producer):
 
 def test_worker_exit_code_is_reported():
     pool = BatchPool(Exiter(), H.SLOTS, workers=2, start_method="fork")
-    pids, shm_name = pool.pids, pool.shm_name
+    pids, shm_names = pool.pids, pool.shm_names
     pool.submit("k", H.task(0))
     with pytest.raises(WorkerDiedError, match="exited with code 3") as info:
         pool.result("k", timeout=WAIT)
     assert "'k'" in str(info.value)
-    assert_clean(pool, pids, shm_name)
+    assert_clean(pool, pids, shm_names)
 
 
 @pytest.mark.parametrize("kind", [KINDS[0], KINDS[-2], KINDS[-1]])
@@ -239,23 +238,23 @@ def test_unpicklable_task_fails_in_submit():
 
 def test_garbage_collected_pool_cleans_up():
     pool = make_pool(("process", "fork"))
-    pids, shm_name = pool.pids, pool.shm_name
+    pids, shm_names = pool.pids, pool.shm_names
     pool.submit(0, H.task(0, sleep=5))
-    assert Path("/dev/shm", shm_name).exists()
+    assert len(shm_names) == 4 and all(Path("/dev/shm", name).exists() for name in shm_names)
     del pool
     gc.collect()
     children = {c.pid for c in psutil.Process().children(recursive=True)}
     assert not children & set(pids)
-    assert not Path("/dev/shm", shm_name).exists()
+    assert not any(Path("/dev/shm", name).exists() for name in shm_names)
 
 
 def test_exception_in_caller_closes_pool():
     with pytest.raises(ZeroDivisionError):
         with make_pool(("process", "fork")) as pool:
-            pids, shm_name = pool.pids, pool.shm_name
+            pids, shm_names = pool.pids, pool.shm_names
             pool.submit(0, H.task(0, sleep=5))
             1 / 0
-    assert_clean(pool, pids, shm_name)
+    assert_clean(pool, pids, shm_names)
 
 
 SCRIPT = textwrap.dedent("""
@@ -379,11 +378,13 @@ def test_lent_results_are_in_place_and_their_slot_waits_for_them(kind):
 
 def test_lent_results_outlive_close():
     pool = make_pool(KINDS[0].values[0], workers=1, num_slots=3, lend=2)
-    pids, shm_name = pool.pids, pool.shm_name
+    pids, shm_names = pool.pids, pool.shm_names
     pool.submit("a", H.task(4))
     a = pool.result("a", timeout=WAIT)
+    shms = pool._backend.shms
     pool.close()
-    assert_clean(pool, pids, shm_name)  # workers gone, name unlinked ...
-    check(a, 4)  # ... and the memory still readable until the arrays go
+    assert_clean(pool, pids, shm_names)  # workers gone, names unlinked ...
+    check(a, 4)  # ... the lent memory still readable until the arrays go ...
+    assert sum(shm._mmap is not None for shm in shms) == 1  # ... and only its slot still mapped
     del a
     gc.collect()
