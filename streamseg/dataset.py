@@ -35,7 +35,7 @@ from .batches import (
     epoch_order,
     validate_choice,
 )
-from .errors import LabelError, OptionError, truncate
+from .errors import LabelError, OptionError, StreamsegError, truncate
 from .feeder import Feeder
 from .store import Store, open_store
 
@@ -279,13 +279,14 @@ class SegmentationDataset(PyDataset, _DataAdapter):  # type: ignore[misc,valid-t
     def epoch_indices(self, epoch: int | None = None) -> np.ndarray:
         """Sample order of an epoch (all batches, before sharding)."""
         epoch = self._epoch if epoch is None else epoch
-        if epoch not in self._orders:
+        order = self._orders.get(epoch)
+        if order is None:  # threads may race here: each returns its own result, never a cleared key
+            order = epoch_order(self.indices, seed=self.seed, epoch=epoch, mode=self.shuffle_mode,
+                                chunk_samples=self.store.chunk_samples, window_chunks=self.window_chunks)
             if len(self._orders) > 4:
                 self._orders.clear()
-            self._orders[epoch] = epoch_order(self.indices, seed=self.seed, epoch=epoch, mode=self.shuffle_mode,
-                                              chunk_samples=self.store.chunk_samples,
-                                              window_chunks=self.window_chunks)
-        return self._orders[epoch]
+            self._orders[epoch] = order
+        return order
 
     def batch_indices(self, i: int, epoch: int | None = None) -> np.ndarray:
         """Store indices of the samples in batch ``i`` of an epoch."""
@@ -510,7 +511,11 @@ class SegmentationDataset(PyDataset, _DataAdapter):  # type: ignore[misc,valid-t
     def _tf_batch(self, i: Any) -> tuple[np.ndarray, np.ndarray]:
         """Batch ``i`` of the current tf.data pass; batch 0 starts a new pass."""
         with self._tf_lock:
-            if int(i) == 0 or self._tf_pass is None:
+            if int(i) != 0 and self._tf_pass is None:
+                raise StreamsegError(f"batch {int(i)} of a tf.data pass was asked for, but that pass has ended: "
+                                     "the dataset was closed, or the pass failed. Create a new iterator. "
+                                     f"Received: batch {int(i)} of {len(self)}")
+            if int(i) == 0:
                 if self._tf_pass is not None:
                     self._tf_pass.close()
                 self._tf_pass = iter(self)
@@ -521,7 +526,8 @@ class SegmentationDataset(PyDataset, _DataAdapter):  # type: ignore[misc,valid-t
                 raise IndexError(f"batch {int(i)} asked for after the end of the pass ({len(self)} batches)") from None
 
     def to_tf_dataset(self) -> Any:
-        """A prefetching ``tf.data.Dataset`` yielding this dataset's batches, one epoch per pass.
+        """A ``tf.data.Dataset`` yielding this dataset's batches, one epoch per pass (see
+        :meth:`get_tf_dataset`: one iterator at a time reads a dataset object).
 
         Call :meth:`on_epoch_end` between passes to advance shuffling and augmentation.
         """

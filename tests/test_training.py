@@ -167,3 +167,14 @@ def test_interpreter_exits_with_a_tf_iterator_left_mid_epoch(tmp_path, workers, 
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "left mid-epoch" in out.stdout
+
+
+def test_tf_iterator_after_close_says_so(synth_store):
+    ds = SegmentationDataset(synth_store, 8, workers=2, use_multiprocessing=True)
+    it = iter(ds.to_tf_dataset())
+    next(it)
+    ds.close()
+    with pytest.raises(Exception, match="the dataset was closed, or the pass failed") as info:
+        next(it)
+    assert "Received: batch 1 of 6" in str(info.value)
+    assert wait_no_workers() == []
