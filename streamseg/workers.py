@@ -1,0 +1,299 @@
+"""Worker processes and threads of a :class:`~streamseg.pool.BatchPool`, and the slots they fill.
+
+Process workers write into shared memory, one segment per slot (so an array lent from a slot
+keeps only that slot's segment mapped), and report ``(ticket, n)`` through a pipe each; a
+worker's death reads as EOF on its pipe.  Thread workers fill aligned NumPy slots.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import re
+import secrets
+import signal
+import threading
+import time
+import traceback
+import weakref
+from contextlib import suppress
+from multiprocessing import shared_memory
+from multiprocessing.connection import wait as _wait
+from typing import Any, Mapping
+
+import numpy as np
+
+from .buffers import aligned_empty
+from .errors import OptionError
+
+__all__ = ["Fields", "ProcessBackend", "ThreadBackend", "layout_slots"]
+
+_ALIGN = 64  # byte alignment of every array inside a slot
+_GRACE = 1.0  # seconds close() gives busy workers before terminating them
+Fields = dict  # name -> (shape, dtype, byte offset inside a slot)
+
+
+def layout_slots(slots: Mapping[str, tuple[tuple[int, ...], Any]]) -> tuple[Fields, int, int]:
+    """Validate the slot spec; return (fields, bytes per slot, rows per slot)."""
+    fields: Fields = {}
+    offset, rows = 0, None
+    for name, spec in slots.items():
+        try:
+            shape, dtype = tuple(int(d) for d in spec[0]), np.dtype(spec[1])
+        except (TypeError, ValueError, IndexError) as exc:
+            raise OptionError(f"slots[{name!r}] must be (shape, dtype); got {spec!r}") from exc
+        if not shape or min(shape) < 0 or shape[0] < 1 or dtype.hasobject:
+            raise OptionError(f"slots[{name!r}] needs a shape with a batch dimension >= 1 "
+                              f"and a non-object dtype; got {spec!r}")
+        if shape[0] != (rows or shape[0]):
+            raise OptionError(f"all slot arrays need the same batch dimension; got {dict(slots)}")
+        rows, offset = shape[0], -(-offset // _ALIGN) * _ALIGN
+        fields[name] = (shape, dtype, offset)
+        offset += int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if rows is None:
+        raise OptionError("slots must name at least one array, e.g. {'x': ((32, 64), 'f4')}")
+    return fields, -(-offset // _ALIGN) * _ALIGN, rows
+
+
+def _views(bufs: list[Any], fields: Fields) -> list[dict[str, np.ndarray]]:
+    """Numpy views of every slot, one buffer (shared-memory segment) per slot."""
+    return [{name: np.ndarray(shape, dtype, buffer=buf, offset=off)
+             for name, (shape, dtype, off) in fields.items()} for buf in bufs]
+
+
+class _Once:
+    """Call ``fn`` until it has succeeded once (thread-safe; None does nothing)."""
+
+    def __init__(self, fn: Any) -> None:
+        self._fn, self._done, self._lock = fn, fn is None, threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            if not self._done:
+                self._fn()
+                self._done = True
+
+
+def _produce(producer: Any, setup: _Once, out: dict[str, np.ndarray], rows: int, ticket: int,
+             load: Any) -> tuple:
+    """Run one task; return a ``("done", ticket, n)`` or ``("error", ticket, info)`` message."""
+    try:
+        task = load()
+        setup()
+        n = producer.produce(task, out)
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= rows:
+            raise ValueError(f"produce() must return the number of rows written, an int in "
+                             f"[0, {rows}]; got {n!r}")
+        return ("done", ticket, int(n))
+    except Exception as exc:  # noqa: BLE001 - reported to the caller of result()
+        try:  # the exception itself travels when it can, so callers can catch its type
+            blob = pickle.dumps(exc)
+            pickle.loads(blob)
+        except Exception:  # noqa: BLE001
+            blob = None
+        return ("error", ticket, (type(exc).__name__, str(exc), traceback.format_exc(), blob))
+
+
+def _process_worker(producer: Any, shm_names: list[str], fields: Fields, rows: int, tasks: Any,
+                    stop: Any, conn: Any, poll: float) -> None:
+    """Main loop of a worker process: take a task, fill its slot, send ``(ticket, n)``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process' business
+    parent, ppid = mp.parent_process(), os.getppid()
+    shms = [shared_memory.SharedMemory(name=n) for n in shm_names]  # registers with the parent's tracker
+    views = _views([shm.buf for shm in shms], fields)
+    setup = _Once(getattr(producer, "setup", None))
+    try:
+        while not stop.value:
+            try:
+                item = tasks.get(timeout=poll)
+            except queue.Empty:
+                if os.getppid() != ppid or (parent is not None and not parent.is_alive()):
+                    break  # orphaned: the main process is gone
+                continue
+            if item is None or stop.value:
+                break
+            ticket, slot, payload = item
+            conn.send(("start", ticket, None))
+            conn.send(_produce(producer, setup, views[slot], rows, ticket,
+                               lambda: pickle.loads(payload)))
+    except (OSError, EOFError):  # pipe or queue broken: the main process is gone
+        pass
+    finally:
+        del views
+        conn.close()
+        for shm in shms:
+            with suppress(BufferError):  # the producer kept a view of a slot; exit unmaps it anyway
+                shm.close()
+
+
+def _thread_worker(producer: Any, setup: _Once, views: list, rows: int,
+                   tasks: queue.SimpleQueue, results: queue.SimpleQueue) -> None:
+    """Main loop of a worker thread."""
+    while (item := tasks.get()) is not None:
+        ticket, slot, task = item
+        results.put(("start", ticket, None))
+        results.put(_produce(producer, setup, views[slot], rows, ticket, lambda: task))
+
+
+def _describe_exit(code: int | None) -> str:
+    """Describe a process exit code, with a hint for the usual signals."""
+    if code is None or code >= 0:
+        return "closed its pipe" if code is None else f"exited with code {code}"
+    sig = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+    hint = {"SIGKILL": " — often the out-of-memory killer (use fewer workers, smaller "
+                       "batches or fewer slots)", "SIGSEGV": " — a crash in native code",
+            "SIGBUS": " — often a full /dev/shm (docker run --shm-size)"}.get(sig, "")
+    return f"killed by {sig}{hint}"
+
+
+class ProcessBackend:
+    """Persistent worker processes writing into shared memory, one segment per slot (so an
+    array lent from a slot keeps only that slot's segment mapped)."""
+
+    def __init__(self, producer: Any, fields: Fields, stride: int, num_slots: int, rows: int,
+                 workers: int, start_method: str | None, poll: float, name: str) -> None:
+        ctx = mp.get_context(start_method)
+        self.owner, self.closed, self.procs, self.conns = os.getpid(), False, [], []
+        self.holds: weakref.WeakSet = weakref.WeakSet()  # of _SlotHold: lent slots in use
+        self.tasks, self.stop = ctx.Queue(), ctx.RawValue("b", 0)
+        prefix = re.sub(r"[^A-Za-z0-9_-]", "", name)[:12] or "streamseg"
+        token = f"{prefix}_{os.getpid()}_{secrets.token_hex(4)}"
+        self.shms: list[Any] = []
+        # children start with SIGINT ignored (fork copies it, exec keeps it); not under
+        # forkserver, whose children take the server's handlers (and it serves others too)
+        old = signal.getsignal(signal.SIGINT)
+        mask = threading.current_thread() is threading.main_thread() and old is not None \
+            and ctx.get_start_method() != "forkserver"
+        try:
+            for s in range(num_slots):
+                shm = shared_memory.SharedMemory(name=f"{token}_{s}", create=True, size=max(1, stride))
+                self.shms.append(shm)
+                if hasattr(os, "posix_fallocate") and getattr(shm, "_fd", -1) >= 0:
+                    try:  # reserve the pages now: a full /dev/shm would SIGBUS the workers later
+                        os.posix_fallocate(shm._fd, 0, max(1, stride))
+                    except OSError as exc:
+                        raise OSError(exc.errno, f"no room for {num_slots} x {stride / 2**20:.0f} MiB in "
+                                      "/dev/shm; lower num_slots or the batch size, enlarge /dev/shm "
+                                      "(docker --shm-size) or use use_processes=False") from exc
+            self.views: list | None = _views([shm.buf for shm in self.shms], fields)
+            if mask:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+            for i in range(workers):
+                reader, writer = ctx.Pipe(duplex=False)
+                self.procs.append(ctx.Process(
+                    target=_process_worker, name=f"{name}-worker-{i}", daemon=True,
+                    args=(producer, [shm.name for shm in self.shms], fields, rows, self.tasks,
+                          self.stop, writer, poll)))
+                self.conns.append(reader)
+                try:
+                    self.procs[-1].start()
+                finally:
+                    writer.close()  # keep only the child's end, so its death reads as EOF
+        except BaseException:
+            self.shutdown()
+            raise
+        finally:
+            if mask:
+                signal.signal(signal.SIGINT, old)
+
+    def send(self, ticket: int, slot: int, payload: bytes) -> None:
+        self.tasks.put((ticket, slot, payload))
+
+    def collect(self, timeout: float, want: int | None) -> tuple[list, tuple | None]:
+        """Wait up to ``timeout``; return ([(worker, message)], (dead worker, text) or None)."""
+        _wait(self.conns + [p.sentinel for p in self.procs], timeout)
+        msgs, dead = [], []
+        for i, conn in enumerate(self.conns):
+            try:
+                while conn.poll():
+                    msgs.append((i, conn.recv()))
+            except (EOFError, OSError):
+                dead.append(i)
+        dead += [i for i, proc in enumerate(self.procs) if proc.exitcode is not None]
+        if not dead:
+            return msgs, None
+        proc = self.procs[dead[0]]
+        proc.join(1.0)
+        return msgs, (dead[0], f"worker process {proc.pid} ({proc.name}) "
+                               f"{_describe_exit(proc.exitcode)}")
+
+    def shutdown(self, grace: float = _GRACE) -> None:
+        """Stop the workers (terminate after ``grace`` s), unlink the segment; idempotent."""
+        if self.closed or os.getpid() != self.owner:
+            return  # done already, or a forked child that owns nothing
+        self.closed, self.stop.value = True, 1  # idle workers exit within poll_interval
+        started = [p for p in self.procs if p.pid is not None]
+        deadline = time.monotonic() + grace
+        for proc in started:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for proc in started:
+            for stop in (proc.terminate, proc.kill):
+                if proc.exitcode is None:
+                    stop()
+                    proc.join(1.0)
+        for conn in self.conns:
+            conn.close()
+        self.tasks.cancel_join_thread()  # never block exit on undelivered tasks
+        self.tasks.close()
+        self.views = None
+        held = {id(hold.shm) for hold in list(self.holds)}
+        for shm in self.shms:
+            if id(shm) not in held:  # an array lent from a slot keeps its segment mapped until it goes
+                with suppress(BufferError):
+                    shm.close()
+            with suppress(FileNotFoundError):
+                shm.unlink()
+
+
+class ThreadBackend:
+    """Worker threads (``workers >= 1``) or synchronous production (``workers == 0``)."""
+
+    def __init__(self, producer: Any, fields: Fields, num_slots: int, rows: int, workers: int,
+                 name: str) -> None:
+        self.producer, self.rows, self.shms = producer, rows, []
+        self.holds: weakref.WeakSet = weakref.WeakSet()
+        self.views: list | None = [{n: aligned_empty(shape, dtype) for n, (shape, dtype, _) in
+                                    fields.items()} for _ in range(num_slots)]
+        self.setup = _Once(getattr(producer, "setup", None))
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.results: queue.SimpleQueue = queue.SimpleQueue()
+        self.queued: dict[int, tuple[int, Any]] = {}  # synchronous mode only
+        self.threads = [threading.Thread(target=_thread_worker, name=f"{name}-worker-{i}",
+                                         daemon=True, args=(producer, self.setup, self.views,
+                                                            rows, self.tasks, self.results))
+                        for i in range(workers)]
+        for thread in self.threads:
+            thread.start()
+
+    def send(self, ticket: int, slot: int, task: Any) -> None:
+        if self.threads:
+            self.tasks.put((ticket, slot, task))
+        else:
+            self.queued[ticket] = (slot, task)
+
+    def collect(self, timeout: float, want: int | None) -> tuple[list, tuple | None]:
+        if not self.threads:  # synchronous: run the wanted task (else the oldest) right now
+            if not self.queued:
+                return [], None
+            ticket = want if want in self.queued else next(iter(self.queued))
+            slot, task = self.queued.pop(ticket)
+            return [(None, _produce(self.producer, self.setup, self.views[slot], self.rows,
+                                    ticket, lambda: task))], None
+        msgs = []
+        with suppress(queue.Empty):
+            msgs.append((None, self.results.get(timeout=timeout)))
+            while True:
+                msgs.append((None, self.results.get_nowait()))
+        dead = [t.name for t in self.threads if not t.is_alive()]
+        return msgs, (None, f"worker thread {dead[0]} stopped") if dead else None
+
+    def shutdown(self, grace: float = _GRACE) -> None:
+        """Ask the threads to stop; threads cannot be killed, daemon ones die with the process."""
+        for _ in self.threads if self.views is not None else ():
+            self.tasks.put(None)
+        deadline = time.monotonic() + grace
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self.views = None
