@@ -166,6 +166,7 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, _DataAdapter):  # type: 
         self._epoch_used = False
         self._orders: dict[int, np.ndarray] = {}
         self._carry: _Carry | None = None
+        self._passes = 0  # passes started over __iter__ with workers
         self._tf_pass: Any = None  # the pass over __iter__ that get_tf_dataset's iterator reads
         self._tf_lock = threading.Lock()
 
@@ -337,6 +338,7 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, _DataAdapter):  # type: 
             for i in range(n):
                 yield self._fetch(epoch, i, range(i + 1, n))
             return
+        self._passes += 1
         carry, self._carry = self._carry, None
         first = None
         if carry is not None and carry.key == (epoch, 0):
@@ -390,10 +392,12 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, _DataAdapter):  # type: 
 
     def _collect_carry(self, carry: _Carry, epoch: int, n: int) -> None:
         """Collect batch 0 of ``epoch + 1`` for the next pass (a guess: unused if it is not)."""
+        passes = self._passes
         try:
             # a copy, not a batch lent from a shared-memory slot: the carry may wait long
             carry.batch = self._fetch_raw(epoch + 1, 0, range(1, n), start=False, lend=False)
-            self._feeder.epoch_finished(keep=lambda key: key[0] > epoch)  # re-arm keep_alive
+            if self._passes == passes:  # no pass started meanwhile (it would lose its look-ahead)
+                self._feeder.epoch_finished(keep=lambda key: key[0] > epoch)  # re-arm keep_alive
         except BaseException:  # noqa: BLE001 - the next pass asks again and gets the error itself
             carry.batch = None
         finally:
