@@ -2,14 +2,15 @@
 
 TensorFlow turns a NumPy array into a tensor without copying it only when the array's data
 starts on an ``EIGEN_MAX_ALIGN_BYTES`` boundary (64 bytes on AVX-512 builds); NumPy only
-promises 16 bytes.  ``tf.data.Dataset.from_generator`` therefore copied every ~34 MB batch
-inside the training step.  Batches handed to Keras come from :func:`aligned_empty`.
+promises 16 bytes, and TensorFlow then copied every ~34 MB batch inside the training step.
+Every batch handed to Keras is therefore 64-byte aligned: lent in place from a worker's
+shared-memory slot (:func:`lend`, laid out with :data:`ALIGN_BYTES`), or copied into an
+aligned buffer.
 
 A fresh 34 MB buffer per batch also costs page faults when it is first written and an
-``munmap`` when it is freed (TensorFlow sets glibc's ``M_TRIM_THRESHOLD`` to 128 kB, so
-large blocks go back to the OS at once).  :class:`BufferRecycler` hands out arrays whose
-memory returns to a small free list once nothing references them any more, TensorFlow
-tensors that adopted them included.
+``munmap`` when it is freed.  :class:`BufferRecycler` hands out arrays whose memory returns
+to a small free list once nothing references them any more, TensorFlow tensors that adopted
+them included (used for batches copied out of a slot, and for batches built inline).
 """
 
 from __future__ import annotations

@@ -25,12 +25,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .buffers import aligned_empty
+from .buffers import ALIGN_BYTES, aligned_empty  # lent slot arrays must be aligned as TF needs
 from .errors import OptionError
 
 __all__ = ["Fields", "ProcessBackend", "ThreadBackend", "layout_slots"]
 
-_ALIGN = 64  # byte alignment of every array inside a slot
 _GRACE = 1.0  # seconds close() gives busy workers before terminating them
 Fields = dict  # name -> (shape, dtype, byte offset inside a slot)
 
@@ -49,12 +48,12 @@ def layout_slots(slots: Mapping[str, tuple[tuple[int, ...], Any]]) -> tuple[Fiel
                               f"and a non-object dtype; got {spec!r}")
         if shape[0] != (rows or shape[0]):
             raise OptionError(f"all slot arrays need the same batch dimension; got {dict(slots)}")
-        rows, offset = shape[0], -(-offset // _ALIGN) * _ALIGN
+        rows, offset = shape[0], -(-offset // ALIGN_BYTES) * ALIGN_BYTES
         fields[name] = (shape, dtype, offset)
         offset += int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if rows is None:
         raise OptionError("slots must name at least one array, e.g. {'x': ((32, 64), 'f4')}")
-    return fields, -(-offset // _ALIGN) * _ALIGN, rows
+    return fields, -(-offset // ALIGN_BYTES) * ALIGN_BYTES, rows
 
 
 def _views(bufs: list[Any], fields: Fields) -> list[dict[str, np.ndarray]]:
