@@ -169,6 +169,7 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, _DataAdapter):  # type: 
         self._passes = 0  # passes started over __iter__ with workers
         self._tf_pass: Any = None  # the pass over __iter__ that get_tf_dataset's iterator reads
         self._tf_lock = threading.Lock()
+        self._tf_calls: Any = None  # tf.data's calls into _tf_batch, waited for at exit
 
     # ------------------------------------------------------------------ construction helpers
     def _init_order(self, o: dict[str, Any]) -> None:
@@ -443,7 +444,7 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, _DataAdapter):  # type: 
         state["_feeder"] = None  # workers belong to the process that made them
         state["_orders"] = {}
         state["_carry"] = None  # holds a thread's event and a batch
-        state["_tf_pass"] = state["_tf_lock"] = None
+        state["_tf_pass"] = state["_tf_lock"] = state["_tf_calls"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
