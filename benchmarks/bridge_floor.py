@@ -7,8 +7,9 @@ Usage::
 Fits the simulated accelerator (``streamseg.bench.simulated_accelerator``) on the same
 ready-made 32x256x256x3 float32 batch (64-byte aligned, so no copy) fed three ways, 32 batches
 per epoch: ``Dataset.from_tensors`` (no Python per step: the floor ``streamseg bench``
-measures stall against), ``Dataset.from_generator``, and ``Dataset.range(n).map`` over a
-``tf.numpy_function`` (streamseg's bridge).  Prints, from the second epoch on, the first
+measures stall against), ``Dataset.from_generator``, ``Dataset.range(n).map`` over a
+``tf.numpy_function`` (streamseg's bridge in session 2), and the same with ``prefetch(1)``
+(streamseg's bridge now: the call for the next batch runs during the current step).  Prints, from the second epoch on, the first
 step of an epoch, the mean of the others, the whole epoch, and the main process's CPU
 time per step.
 """
@@ -66,9 +67,10 @@ def main() -> None:
         "from_generator": tf.data.Dataset.from_generator(gen, output_signature=sig).apply(
             tf.data.experimental.assert_cardinality(n)),
         "range.map(numpy_function)": tf.data.Dataset.range(n).map(load),
+        "range.map(numpy_fn).prefetch(1)": tf.data.Dataset.range(n).map(load).prefetch(1),
     }
     print(f"simulated step {args.step_ms} ms, {n} batches per epoch, epochs 2..{args.epochs}")
-    print(f"{'feed':<28} {'1st step ms':>11} {'other steps ms':>14} {'epoch ms':>9} {'main CPU ms/step':>16}")
+    print(f"{'feed':<32} {'1st step ms':>11} {'other steps ms':>14} {'epoch ms':>9} {'main CPU ms/step':>16}")
     for name, ds in feeds.items():
         model, timer = simulated_accelerator(args.step_ms), Timer()
         c0 = time.process_time()
@@ -76,7 +78,7 @@ def main() -> None:
         cpu = (time.process_time() - c0) / len(timer.t) * 1000.0
         d = (np.diff(timer.t) * 1000.0)[n - 1:]  # d[0] is the first step of epoch 2
         per = d[: len(d) // n * n].reshape(-1, n)
-        print(f"{name:<28} {per[:, 0].mean():>11.1f} {per[:, 1:].mean():>14.2f} {per.sum(1).mean():>9.0f} {cpu:>16.2f}")
+        print(f"{name:<32} {per[:, 0].mean():>11.1f} {per[:, 1:].mean():>14.2f} {per.sum(1).mean():>9.0f} {cpu:>16.2f}")
 
 
 if __name__ == "__main__":

@@ -48,10 +48,11 @@ class Feeder:
         Called (if still alive) whenever the pool is closed.
     """
 
-    LEND = 3
-    """Batches handed out in place (no copy out of their slot) at once: the one the model
-    works on, the one waiting for it and the one the hand-over thread holds; more are
-    copied.  Each costs one more slot of shared memory."""
+    LEND = 4
+    """Batches handed out in place (no copy out of their slot) at once: under ``fit``, the one
+    the model works on, the one in tf.data's prefetch buffer, the one being handed to tf.data
+    and the one the hand-over thread holds; more are copied (~6 ms for a 32x256x256x3 batch:
+    with 3, 14 of 125 batches of a fit were copied).  Each costs one more slot of shared memory."""
 
     def __init__(self, producer: Any, slots: dict[str, tuple[tuple[int, ...], np.dtype]], *,
                  workers: int, use_multiprocessing: bool, max_queue_size: int,
