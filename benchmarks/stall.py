@@ -27,7 +27,7 @@ def bench(store: str, step_ms: float, args: argparse.Namespace) -> dict:
         out = Path(tmp) / "r.json"
         cmd = [sys.executable, "-m", "streamseg.cli", "bench", store, "--step-ms", f"{step_ms:.3f}",
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--workers", str(args.workers),
-               "--augment", args.augment, "--json", str(out)]
+               "--augment", args.augment, "--worker-priority", args.worker_priority, "--json", str(out)]
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
         return json.loads(out.read_text())
 
@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--augment", default="standard")
+    ap.add_argument("--worker-priority", default="normal", choices=["normal", "low", "idle"])
     ap.add_argument("--repeat", type=int, default=1, help="runs per share (each with its own floor)")
     ap.add_argument("--out", default="benchmarks/results/stall.json")
     args = ap.parse_args()

@@ -390,11 +390,15 @@ def measure_fit(dataset: Any, *, model: Any = "simulated", step_ms: float = 20.0
 
 
 # ---------------------------------------------------------------------------------- memory cap
+def _priority(args: argparse.Namespace) -> str:
+    return str(getattr(args, "worker_priority", "normal"))
+
+
 def _child_argv(args: argparse.Namespace, json_path: str) -> list[str]:
     argv = [sys.executable, "-m", "streamseg.cli", "bench", str(args.store), "--model", args.model,
             "--step-ms", str(args.step_ms), "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--batch-size", str(args.batch_size), "--augment", str(args.augment), "--workers",
-            str(args.workers), "--shuffle", args.shuffle, "--json", json_path]
+            str(args.workers), "--shuffle", args.shuffle, "--worker-priority", _priority(args), "--json", json_path]
     return argv + (["--threads"] if args.threads else [])
 
 
@@ -412,7 +416,9 @@ def format_result(r: dict[str, Any]) -> str:
                   f"machine RAM {_mib(r.get('machine', {}).get('ram_total_bytes'))})"),
         ("consumer", consumer),
         ("pipeline", f"batch {r['batch_size']}, augment {o.get('augment')}, workers {o.get('workers')} "
-                     f"({'threads' if o.get('threads') else 'processes'}), shuffle {o.get('shuffle')}"),
+                     f"({'threads' if o.get('threads') else 'processes'}"
+                     + (f", priority {o['worker_priority']}" if o.get("worker_priority", "normal") != "normal" else "")
+                     + f"), shuffle {o.get('shuffle')}"),
         ("measured", f"{r['steps']} steps after {r['warmup']} warm-up steps in {r['wall_s']:.2f} s"),
         ("throughput", f"{r['samples_per_s']:.1f} samples/s, {r['batches_per_s']:.2f} batches/s"),
         ("input stall", f"{r['stall_fraction']:.3f} ("
@@ -445,7 +451,7 @@ def _measure_store(args: argparse.Namespace) -> dict[str, Any]:
     augment = None if args.augment == "none" else args.augment
     ds = SegmentationDataset(store, args.batch_size, augment=augment, shuffle=args.shuffle, workers=args.workers,
                              use_multiprocessing=not args.threads and args.workers > 0,
-                             drop_remainder=len(store) >= args.batch_size)
+                             drop_remainder=len(store) >= args.batch_size, worker_priority=_priority(args))
     try:
         result = measure_fit(ds, model=args.model, step_ms=args.step_ms, steps=args.steps, warmup=args.warmup)
     finally:
@@ -457,6 +463,7 @@ def _measure_store(args: argparse.Namespace) -> dict[str, Any]:
                          "cpu_count": psutil.cpu_count() or 1,
                          "dataset_raw_over_ram": info["raw_bytes"] / vm.total}
     result["options"] = {"augment": args.augment, "workers": args.workers, "threads": bool(args.threads),
+                         "worker_priority": _priority(args),
                          "shuffle": args.shuffle, "backend": info["format"]}
     return result
 

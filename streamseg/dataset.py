@@ -38,6 +38,7 @@ from .batches import (
 from .adapter import KerasAdapterMixin
 from .errors import LabelError, OptionError, truncate
 from .feeder import Feeder
+from .workers import check_priority
 from .store import Store, open_store
 
 try:  # Keras 3
@@ -67,7 +68,7 @@ class _Carry:
 
 _OPTIONS = ("indices", "shuffle", "seed", "augment", "mask_mode", "num_classes", "normalize",
             "drop_remainder", "shard", "window_chunks", "workers", "use_multiprocessing",
-            "max_queue_size", "start_method", "keep_alive")
+            "max_queue_size", "start_method", "keep_alive", "worker_priority")
 
 
 def split(store: Store | str | os.PathLike, val_fraction: float = 0.2, seed: int = 0
@@ -142,6 +143,13 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, _DataAdapter):  # type: 
         Multiprocessing start method (default: the platform's).
     keep_alive : float
         Seconds workers stay up after an epoch with no new request (default 5).
+    worker_priority : {"normal", "low", "idle"}
+        Scheduling priority of the worker processes (``use_multiprocessing=True``):
+        ``"normal"`` (default) as the training loop; ``"low"``: nice 19; ``"idle"`` (Linux):
+        ``SCHED_IDLE``, the workers run only on a core that nothing else wants, so the training
+        loop never waits for a core they hold.  With as many workers as cores, "idle" keeps the
+        input stall near zero (benchmarks/RESULTS.md); on a machine other jobs keep busy it
+        starves the workers.
     """
 
     def __init__(self, store: Store | str | os.PathLike, batch_size: int = 32, **options: Any) -> None:
@@ -152,7 +160,7 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, _DataAdapter):  # type: 
         o = {"indices": None, "shuffle": True, "seed": 0, "augment": None, "mask_mode": "sparse",
              "num_classes": None, "normalize": "unit", "drop_remainder": False, "shard": None,
              "window_chunks": None, "workers": 1, "use_multiprocessing": False, "max_queue_size": 10,
-             "start_method": None, "keep_alive": 5.0, **options}
+             "start_method": None, "keep_alive": 5.0, "worker_priority": "normal", **options}
         super().__init__(workers=o["workers"], use_multiprocessing=o["use_multiprocessing"],
                          max_queue_size=o["max_queue_size"])
         self.store = store if isinstance(store, Store) else open_store(store)
@@ -248,13 +256,14 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, _DataAdapter):  # type: 
         if not isinstance(queue, (int, np.integer)) or queue < 1:
             raise OptionError(f"max_queue_size must be a positive integer. Received: {truncate(queue)}")
         validate_choice("start_method", o["start_method"], (None, "fork", "forkserver", "spawn"))
+        priority = check_priority(o.get("worker_priority", "normal"), bool(mp_flag))
         h, w, c = self.store.image_shape
         b = self.batch_size_value
         slots = {"images": ((b, h, w, c), np.dtype(np.float32)), "masks": self.options.mask_spec(b, h, w)}
         self._feeder = Feeder(BatchProducer(self.store, self.options), slots, workers=int(workers),
                               use_multiprocessing=bool(mp_flag), max_queue_size=int(queue),
                               start_method=o["start_method"], keep_alive=float(o["keep_alive"]),
-                              on_close=weakref.WeakMethod(self._forget_carry))
+                              on_close=weakref.WeakMethod(self._forget_carry), priority=priority)
 
     def _forget_carry(self) -> None:
         """The workers stopped (close(), keep_alive or an error): drop the next epoch's batch."""

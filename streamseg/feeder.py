@@ -46,6 +46,8 @@ class Feeder:
         Seconds the pool stays up after an epoch ends without a new request.
     on_close : weakref.WeakMethod, optional
         Called (if still alive) whenever the pool is closed.
+    priority : {"normal", "low", "idle"}
+        Scheduling priority of worker processes.
     """
 
     LEND = 4
@@ -56,7 +58,8 @@ class Feeder:
 
     def __init__(self, producer: Any, slots: dict[str, tuple[tuple[int, ...], np.dtype]], *,
                  workers: int, use_multiprocessing: bool, max_queue_size: int,
-                 start_method: str | None, keep_alive: float, on_close: Any = None) -> None:
+                 start_method: str | None, keep_alive: float, on_close: Any = None,
+                 priority: str = "normal") -> None:
         self.producer = producer
         self.slots = slots
         self.workers = workers
@@ -64,6 +67,7 @@ class Feeder:
         self.ahead = max(1, min(max_queue_size, 2 * max(1, workers)))
         self.start_method = start_method
         self.keep_alive = keep_alive
+        self.priority = priority
         self._pool: BatchPool | None = None
         self._lock = threading.RLock()
         self._timer: threading.Timer | None = None
@@ -90,7 +94,7 @@ class Feeder:
             self._pool = BatchPool(self.producer, self.slots, workers=max(1, self.workers),
                                    use_processes=self.use_multiprocessing,
                                    num_slots=self.ahead + 1 + self.LEND, start_method=self.start_method,
-                                   lend=self.LEND, allocate=self.buffers.empty)
+                                   lend=self.LEND, allocate=self.buffers.empty, priority=self.priority)
         return self._pool
 
     def fetch(self, key: Hashable, task: Any, upcoming: Iterable[tuple[Hashable, Any]] = (), *,

@@ -19,7 +19,7 @@ import numpy as np
 
 from .buffers import aligned_empty, lend
 from .errors import OptionError, StreamsegError, WorkerDiedError, WorkerError
-from .workers import ProcessBackend, ThreadBackend, layout_slots
+from .workers import ProcessBackend, ThreadBackend, check_priority, layout_slots
 
 __all__ = ["BatchPool", "Producer"]
 
@@ -86,6 +86,9 @@ class BatchPool:
     allocate : callable, optional
         ``allocate(shape, dtype)`` gives the array a result is copied into (default: a
         fresh 64-byte aligned array, e.g. ``BufferRecycler.empty`` to reuse memory).
+    priority : {"normal", "low", "idle"}
+        Scheduling priority of worker processes (see :data:`streamseg.workers.PRIORITIES`);
+        anything but "normal" needs ``use_processes=True`` and ``workers >= 1``.
 
     Notes
     -----
@@ -101,12 +104,13 @@ class BatchPool:
                  *, workers: int = 1, use_processes: bool = True, num_slots: int = 4,
                  start_method: str | None = None, poll_interval: float = 0.1,
                  name: str = "streamseg", lend: int = 0,
-                 allocate: Callable[..., np.ndarray] | None = None) -> None:
+                 allocate: Callable[..., np.ndarray] | None = None, priority: str = "normal") -> None:
         if not callable(getattr(producer, "produce", None)):
             raise OptionError(f"producer needs a produce(task, out) method; got {producer!r}")
         if int(workers) < 0 or int(num_slots) < 1 or not poll_interval > 0:
             raise OptionError(f"need workers >= 0, num_slots >= 1 and poll_interval > 0; "
                               f"got {workers}, {num_slots}, {poll_interval}")
+        check_priority(priority, bool(use_processes) and int(workers) > 0)  # 0 workers: synchronous
         fields, stride, self._rows = layout_slots(slots)
         self._poll, self._next_ticket, self._broken = float(poll_interval), 0, None
         self._allocate = allocate or aligned_empty
@@ -119,7 +123,7 @@ class BatchPool:
         if use_processes and workers > 0:
             self._backend: Any = ProcessBackend(producer, fields, stride, int(num_slots),
                                                  self._rows, int(workers), start_method,
-                                                 self._poll, name)
+                                                 self._poll, name, priority)
         else:
             self._backend = ThreadBackend(producer, fields, int(num_slots), self._rows,
                                            int(workers), name)

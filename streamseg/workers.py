@@ -28,6 +28,38 @@ import numpy as np
 from .buffers import ALIGN_BYTES, aligned_empty  # lent slot arrays must be aligned as TF needs
 from .errors import OptionError
 
+PRIORITIES = ("normal", "low", "idle")
+"""Scheduling priorities of worker processes: ``"normal"`` (as the main process), ``"low"``
+(nice 19) and ``"idle"`` (Linux ``SCHED_IDLE``: runs only on a core nothing else wants)."""
+
+
+def check_priority(priority: Any, processes: bool) -> str:
+    """Validate a worker priority for worker processes (``processes``) or threads/inline."""
+    if priority not in PRIORITIES:
+        raise OptionError(f"worker_priority must be one of {', '.join(PRIORITIES)}. "
+                          f"Received: worker_priority={priority!r}")
+    if priority == "normal":
+        return priority
+    if not processes:
+        raise OptionError("worker_priority applies to worker processes only (threads share the GIL with "
+                          "the training loop, so a low-priority thread would stall it): set "
+                          "use_multiprocessing=True and workers >= 1, or keep worker_priority='normal'. "
+                          f"Received: worker_priority={priority!r}")
+    if priority == "idle" and not hasattr(os, "SCHED_IDLE"):
+        raise OptionError("worker_priority='idle' needs Linux's SCHED_IDLE, which this platform lacks; "
+                          f"use 'low' (nice 19). Received: worker_priority={priority!r}")
+    return priority
+
+
+def _apply_priority(priority: str) -> None:
+    """Lower the calling worker process's scheduling priority (never raises: a worker that
+    cannot lower its priority still works)."""
+    with suppress(OSError, AttributeError):
+        if priority == "low":
+            os.setpriority(os.PRIO_PROCESS, 0, 19)
+        elif priority == "idle":
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
 __all__ = ["Fields", "ProcessBackend", "ThreadBackend", "layout_slots"]
 
 _GRACE = 1.0  # seconds close() gives busy workers before terminating them
@@ -96,9 +128,10 @@ def _produce(producer: Any, setup: _Once, out: dict[str, np.ndarray], rows: int,
 
 
 def _process_worker(producer: Any, shm_names: list[str], fields: Fields, rows: int, tasks: Any,
-                    stop: Any, conn: Any, poll: float) -> None:
+                    stop: Any, conn: Any, poll: float, priority: str = "normal") -> None:
     """Main loop of a worker process: take a task, fill its slot, send ``(ticket, n)``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process' business
+    _apply_priority(priority)
     parent, ppid = mp.parent_process(), os.getppid()
     shms = [shared_memory.SharedMemory(name=n) for n in shm_names]  # registers with the parent's tracker
     views = _views([shm.buf for shm in shms], fields)
@@ -152,7 +185,8 @@ class ProcessBackend:
     array lent from a slot keeps only that slot's segment mapped)."""
 
     def __init__(self, producer: Any, fields: Fields, stride: int, num_slots: int, rows: int,
-                 workers: int, start_method: str | None, poll: float, name: str) -> None:
+                 workers: int, start_method: str | None, poll: float, name: str,
+                 priority: str = "normal") -> None:
         ctx = mp.get_context(start_method)
         self.owner, self.closed, self.procs, self.conns = os.getpid(), False, [], []
         self.holds: weakref.WeakSet = weakref.WeakSet()  # of _SlotHold: lent slots in use
@@ -184,7 +218,7 @@ class ProcessBackend:
                 self.procs.append(ctx.Process(
                     target=_process_worker, name=f"{name}-worker-{i}", daemon=True,
                     args=(producer, [shm.name for shm in self.shms], fields, rows, self.tasks,
-                          self.stop, writer, poll)))
+                          self.stop, writer, poll, priority)))
                 self.conns.append(reader)
                 try:
                     self.procs[-1].start()

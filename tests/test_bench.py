@@ -78,7 +78,7 @@ def test_bench_cli_json_fields(tiny_store, tmp_path, capsys):
     assert r["store"]["count"] == 24 and r["store"]["disk_bytes"] > 0 and r["store"]["raw_bytes"] == 24 * 32 * 32 * 4
     assert r["machine"]["ram_total_bytes"] > r["store"]["raw_bytes"]
     assert r["options"] == {"augment": "standard", "workers": 1, "threads": False, "shuffle": "window",
-                            "backend": "zarr"}
+                            "backend": "zarr", "worker_priority": "normal"}
     text = capsys.readouterr().out
     assert "samples/s" in text and "input stall" in text and "memory peak" in text
     assert "24 x (32, 32, 3)" in text  # samples x one sample's shape
@@ -101,6 +101,9 @@ def test_bench_rejects_bad_options(tiny_store, capsys):
     assert "Received:" in capsys.readouterr().err
     assert main(["bench", str(tiny_store), "--memory-cap", "lots"]) == 2
     assert "Received: 'lots'" in capsys.readouterr().err
+    assert main(["bench", str(tiny_store), "--threads", "--worker-priority", "idle"]) == 2
+    err = capsys.readouterr().err
+    assert "worker processes only" in err and len(err.strip().splitlines()) == 1
 
 
 def test_measure_fit_same_harness_for_tf_data_and_pydataset():

@@ -288,3 +288,38 @@ def test_keep_alive_stops_workers_and_drops_the_next_epochs_batch(labelled_store
     ds.on_epoch_end()
     assert len(list(ds)) == len(ds)  # and the next epoch starts the workers again
     ds.close()
+
+
+@pytest.mark.parametrize("priority", ["low", "idle"])
+def test_worker_priority_lowers_the_workers_only(labelled_store, priority):
+    import os
+
+    if priority == "idle" and not hasattr(os, "SCHED_IDLE"):
+        pytest.skip("SCHED_IDLE is Linux-only")
+    store, _ = labelled_store
+    kw = dict(augment="heavy", num_classes=256, seed=5)
+    reference = collect(SegmentationDataset(store, 8, workers=0, **kw))
+    main_nice, main_policy = os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0)
+    with SegmentationDataset(store, 8, workers=2, use_multiprocessing=True, worker_priority=priority, **kw) as ds:
+        batches = list(ds)  # same batches, in order: the label encodes the sample index
+        pids = ds._feeder.pool.pids
+        assert len(pids) == 2
+        for pid in pids:
+            if priority == "low":
+                assert os.getpriority(os.PRIO_PROCESS, pid) == 19
+            else:
+                assert os.sched_getscheduler(pid) == os.SCHED_IDLE
+    assert (os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0)) == (main_nice, main_policy)
+    for (ri, rm), (bi, bm) in zip(reference, batches, strict=True):
+        np.testing.assert_array_equal(ri, bi)
+        np.testing.assert_array_equal(rm, bm)
+
+
+def test_worker_priority_is_validated():
+    store = Store.from_arrays(np.zeros((4, 8, 8, 1), np.uint8), np.zeros((4, 8, 8), np.uint8))
+    with pytest.raises(OptionError, match="one of normal, low, idle. Received: worker_priority='lowest'"):
+        SegmentationDataset(store, 2, workers=1, use_multiprocessing=True, worker_priority="lowest")
+    with pytest.raises(OptionError, match="worker processes only .* use_multiprocessing=True"):
+        SegmentationDataset(store, 2, workers=2, worker_priority="low")  # threads
+    ds = SegmentationDataset(store, 2, workers=2, worker_priority="normal")
+    assert ds[0][0].shape == (2, 8, 8, 1)
