@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import atexit
+import sys
 import threading
 import time
 import weakref
@@ -52,7 +54,11 @@ class _TfCalls:
         little more, so the thread also leaves tf.data's Python wrapper around our function."""
         with self.cond:
             self.refused = True
+            if self.running == 0:
+                return
             if not self.cond.wait_for(lambda: self.running == 0, timeout):
+                print(f"streamseg: a tf.data call into the dataset was still running after {timeout:g} s "
+                      "at exit; the interpreter may hang or abort while it finishes", file=sys.stderr)
                 return
         time.sleep(0.05)
 
@@ -112,8 +118,14 @@ class KerasAdapterMixin:
             return images, masks
 
         if self._tf_calls is None:
-            self._tf_calls = _TfCalls()
-            weakref.finalize(self, self._tf_calls.quiesce)  # runs at exit while self lives
+            self._tf_calls = calls = _TfCalls()
+            # At exit, quiesce must run before the pool's own finalizer stops the workers a
+            # call may be waiting for.  weakref.finalize's exit hook runs finalizers newest
+            # first, and the pool may be newer; atexit runs hooks last-registered first, so a
+            # hook registered after weakref's own (ensured by the finalize below) runs before
+            # every finalizer.  The finalize unregisters the hook when the dataset goes away.
+            weakref.finalize(self, atexit.unregister, calls.quiesce).atexit = False
+            atexit.register(calls.quiesce)
         # sequential map: batches stay in order; prefetch(1): the Python call for the next batch
         # overlaps the current training step instead of adding to it
         ds = tf.data.Dataset.range(len(self)).map(load).prefetch(1)

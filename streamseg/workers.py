@@ -14,6 +14,7 @@ import queue
 import re
 import secrets
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -43,7 +44,7 @@ def check_priority(priority: Any, processes: bool) -> str:
     if not processes:
         raise OptionError("worker_priority applies to worker processes only (threads share the GIL with "
                           "the training loop, so a low-priority thread would stall it): set "
-                          "use_multiprocessing=True and workers >= 1, or keep worker_priority='normal'. "
+                          "use_multiprocessing=True, or keep worker_priority='normal'. "
                           f"Received: worker_priority={priority!r}")
     if priority == "idle" and not hasattr(os, "SCHED_IDLE"):
         raise OptionError("worker_priority='idle' needs Linux's SCHED_IDLE, which this platform lacks; "
@@ -52,13 +53,16 @@ def check_priority(priority: Any, processes: bool) -> str:
 
 
 def _apply_priority(priority: str) -> None:
-    """Lower the calling worker process's scheduling priority (never raises: a worker that
-    cannot lower its priority still works)."""
-    with suppress(OSError, AttributeError):
+    """Lower the calling worker process's scheduling priority.  Never raises: a worker that
+    may not lower it (a sandbox forbidding the call) says so on stderr and works on."""
+    try:
         if priority == "low":
             os.setpriority(os.PRIO_PROCESS, 0, 19)
         elif priority == "idle":
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (OSError, AttributeError) as exc:
+        print(f"streamseg worker {os.getpid()}: could not set worker_priority={priority!r} "
+              f"({type(exc).__name__}: {exc}); running at normal priority", file=sys.stderr)
 
 __all__ = ["Fields", "ProcessBackend", "ThreadBackend", "layout_slots"]
 

@@ -201,16 +201,22 @@ def test_abandoned_epoch_stops_its_hand_over_thread(labelled_store):
     import time
 
     store, _ = labelled_store
+    before = set(threading.enumerate())  # another test's dataset may still run a pass
+
+    def ours() -> list:
+        return [t for t in threading.enumerate() if t.name == "streamseg-handover" and t not in before]
+
     ds = SegmentationDataset(store, 4, num_classes=256, workers=2)
     with ds:
         it = iter(ds)
         first = next(it)
+        assert len(ours()) == 1
         np.testing.assert_array_equal(first[1], ds[0][1])
         it.close()  # what tf.data does when fit stops mid-epoch
         deadline = time.monotonic() + 5
-        while any(t.name == "streamseg-handover" for t in threading.enumerate()) and time.monotonic() < deadline:
+        while ours() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not any(t.name == "streamseg-handover" for t in threading.enumerate())
+        assert not ours()
         assert len(list(ds)) == len(ds)  # a new pass still works
 
 

@@ -388,3 +388,15 @@ def test_lent_results_outlive_close():
     assert sum(shm._mmap is not None for shm in shms) == 1  # ... and only its slot still mapped
     del a
     gc.collect()
+
+
+def test_a_worker_that_may_not_lower_its_priority_says_so(monkeypatch, capsys):
+    from streamseg import workers
+
+    def deny(*args):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(workers.os, "setpriority", deny)  # never really lowers this process
+    workers._apply_priority("low")
+    err = capsys.readouterr().err
+    assert "could not set worker_priority='low'" in err and "running at normal priority" in err

@@ -174,13 +174,13 @@ def test_tf_iterator_deleted_mid_epoch_while_a_call_runs(synth_store):
     (the GIL is released meanwhile), then the next iterator starts a fresh pass."""
     import gc
 
-    ds = SegmentationDataset(synth_store, 8, augment="heavy", seed=3)
-    expected = [ds[i] for i in range(2)]
-    it = iter(ds.to_tf_dataset())
-    next(it)
-    del it
-    gc.collect()
-    got = list(ds.to_tf_dataset().take(2).as_numpy_iterator())
+    with SegmentationDataset(synth_store, 8, augment="heavy", seed=3) as ds:
+        expected = [ds[i] for i in range(2)]
+        it = iter(ds.to_tf_dataset())
+        next(it)
+        del it
+        gc.collect()
+        got = list(ds.to_tf_dataset().take(2).as_numpy_iterator())
     for (ei, em), (gi, gm) in zip(expected, got):
         np.testing.assert_array_equal(ei, gi)
         np.testing.assert_array_equal(em, gm)
