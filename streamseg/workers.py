@@ -131,11 +131,28 @@ def _produce(producer: Any, setup: _Once, out: dict[str, np.ndarray], rows: int,
         return ("error", ticket, (type(exc).__name__, str(exc), traceback.format_exc(), blob))
 
 
+def _fresh_fork_locks() -> None:
+    """Give the resource tracker a fresh lock in a new worker process.
+
+    Under ``fork`` a lock that another parent thread held at that moment (a pool of another
+    dataset unlinking its shared memory from a keep-alive timer, say) stays held forever in
+    the child, and attaching a ``SharedMemory`` registers with the tracker under that lock.
+    The child is single-threaded here, so a new lock is safe; under spawn/forkserver it is a
+    no-op in effect.
+    """
+    with suppress(Exception):  # private CPython attribute: do nothing where it differs
+        from multiprocessing import resource_tracker
+
+        tracker = resource_tracker._resource_tracker
+        tracker._lock = threading.RLock() if "RLock" in type(tracker._lock).__name__ else threading.Lock()
+
+
 def _process_worker(producer: Any, shm_names: list[str], fields: Fields, rows: int, tasks: Any,
                     stop: Any, conn: Any, poll: float, priority: str = "normal") -> None:
     """Main loop of a worker process: take a task, fill its slot, send ``(ticket, n)``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process' business
     _apply_priority(priority)
+    _fresh_fork_locks()
     parent, ppid = mp.parent_process(), os.getppid()
     shms = [shared_memory.SharedMemory(name=n) for n in shm_names]  # registers with the parent's tracker
     views = _views([shm.buf for shm in shms], fields)

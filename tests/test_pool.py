@@ -400,3 +400,38 @@ def test_a_worker_that_may_not_lower_its_priority_says_so(monkeypatch, capsys):
     workers._apply_priority("low")
     err = capsys.readouterr().err
     assert "could not set worker_priority='low'" in err and "running at normal priority" in err
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_worker_gets_a_resource_tracker_lock_a_parent_thread_held():
+    """A parent thread holding the tracker's lock at fork time must not deadlock the worker
+    when it attaches its shared memory (seen once as a hung forked worker in a full test run)."""
+    import threading
+    from multiprocessing import resource_tracker
+
+    from streamseg.workers import _fresh_fork_locks
+
+    tracker = resource_tracker._resource_tracker
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with tracker._lock:
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert held.wait(10)
+        codes = []
+        for fresh in (False, True):
+            pid = os.fork()
+            if pid == 0:  # child: only tiny code, then _exit
+                if fresh:
+                    _fresh_fork_locks()
+                os._exit(0 if tracker._lock.acquire(timeout=1.0) else 1)
+            codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+        assert codes == [1, 0]  # inherited: held forever; fresh: free
+    finally:
+        release.set()
+        t.join()
