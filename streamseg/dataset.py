@@ -36,7 +36,7 @@ from .batches import (
     validate_choice,
 )
 from .adapter import KerasAdapterMixin
-from .errors import LabelError, OptionError, truncate
+from .errors import LabelError, OptionError, StreamsegError, truncate
 from .feeder import Feeder
 from .workers import check_priority
 from .store import Store, open_store
@@ -310,12 +310,14 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, _DataAdapter):  # type: 
     def _task(self, epoch: int, i: int) -> tuple[tuple[int, int], tuple[int, np.ndarray]]:
         return (epoch, i), (epoch, self.batch_indices(i, epoch))
 
-    def _fetch(self, epoch: int, i: int, upcoming: range) -> tuple[np.ndarray, np.ndarray]:
+    def _fetch(self, epoch: int, i: int, upcoming: range, start: bool = True) -> tuple[np.ndarray, np.ndarray]:
         if epoch == self._epoch:
             self._epoch_used = True
-        out = self._fetch_raw(epoch, i, upcoming)
-        if out is None:  # cannot happen: the pool starts on demand
-            raise RuntimeError("no batch from the feeder")
+        out = self._fetch_raw(epoch, i, upcoming, start=start)
+        if out is None:  # start=False and no pool: close() ran during the pass
+            raise StreamsegError(f"The dataset was closed while a pass over it was running, so batch {i} "
+                                 "of that pass cannot be produced. Iterate again for a new pass. "
+                                 f"Received: batch {i} of {len(self)}, epoch {epoch}")
         return out
 
     def _fetch_raw(self, epoch: int, i: int, upcoming: range, start: bool = True,
@@ -371,8 +373,13 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, _DataAdapter):  # type: 
             try:
                 if first is not None and not offer(first):
                     return
-                for i in range(0 if first is None else 1, n):
-                    if not offer(self._fetch(epoch, i, range(i + 1, n))):
+                begin = 0 if first is None else 1
+                for i in range(begin, n):
+                    if stop.is_set():
+                        return  # abandoned: fetch nothing more
+                    # only the pass's first fetch may start workers: a later one finding none
+                    # means close() ran meanwhile, and must not bring them back behind its back
+                    if not offer(self._fetch(epoch, i, range(i + 1, n), start=i == begin)):
                         return
                 # Only after a complete pass: an abandoned generator may be closed by tf.data's
                 # iterator destructor at interpreter exit, where starting timers is unsafe.

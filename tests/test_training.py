@@ -10,7 +10,7 @@ import numpy as np
 import psutil
 import pytest
 
-from streamseg import LabelError, SegmentationDataset, WorkerDiedError, convert, split
+from streamseg import LabelError, SegmentationDataset, StreamsegError, WorkerDiedError, convert, split
 
 pytestmark = pytest.mark.slow
 
@@ -223,4 +223,23 @@ def test_tf_iterator_after_close_says_so(synth_store):
             got.append(next(it)[0].numpy())
     assert len(got) <= 1 and all(np.array_equal(g, expected) for g in got)
     assert f"Received: batch {1 + len(got)} of 6" in str(info.value)
+    assert wait_no_workers() == []
+
+
+def test_close_during_a_pass_does_not_bring_workers_back(synth_store):
+    # the pass's hand-over thread runs ahead of the consumer; once close() has stopped the
+    # workers, its next fetch must fail instead of starting a new pool behind the caller's back
+    ds = SegmentationDataset(synth_store, 8, workers=2, use_multiprocessing=True, shuffle=False)
+    expected = [ds[i][1].copy() for i in range(len(ds))]
+    gen = iter(ds)
+    got = [next(gen)[1].copy()]
+    ds.close()
+    with pytest.raises(StreamsegError, match="closed while a pass over it was running") as info:
+        for _, mask in gen:
+            got.append(mask.copy())
+    assert 1 <= len(got) < len(ds) and all(np.array_equal(g, e) for g, e in zip(got, expected))
+    assert "Received: batch" in str(info.value)
+    assert wait_no_workers() == []
+    assert [m for _, m in ds][0].shape == expected[0].shape  # a new pass starts the workers again
+    ds.close()
     assert wait_no_workers() == []
