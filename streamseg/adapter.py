@@ -28,17 +28,19 @@ class _TfCalls:
     tf.data runs our ``numpy_function`` in its own threads (the prefetch thread).  A C++ thread
     that takes the GIL after the interpreter has begun finalizing is ended by CPython mid-call,
     and the iterator's destructor then waits for it forever (or aborts).  :meth:`quiesce`,
-    called by a ``weakref.finalize`` at exit (before finalization), refuses new calls and
-    waits for running ones.
+    called from an ``atexit`` hook (before finalization), refuses new calls and
+    waits for running ones, and for their threads to leave Python.
     """
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
         self.running = 0
         self.refused = False
+        self.threads: set[int] = set()  # idents of the (tf.data) threads that called in
 
     def enter(self) -> bool:
         with self.cond:
+            self.threads.add(threading.get_ident())
             if self.refused:
                 return False
             self.running += 1
@@ -50,17 +52,36 @@ class _TfCalls:
             self.cond.notify_all()
 
     def quiesce(self, timeout: float = 30.0) -> None:
-        """Refuse new calls and wait (at most ``timeout`` s) until no call is running, then a
-        little more, so the thread also leaves tf.data's Python wrapper around our function."""
+        """Refuse new calls and wait (at most ``timeout`` s) until no call is running, then
+        until the calling threads have left Python altogether (tf.data's wrapper around our
+        function runs Python before and after it; a fixed 50 ms wait was not always enough on a
+        loaded machine)."""
         with self.cond:
             self.refused = True
-            if self.running == 0:
-                return
             if not self.cond.wait_for(lambda: self.running == 0, timeout):
                 print(f"streamseg: a tf.data call into the dataset was still running after {timeout:g} s "
                       "at exit; the interpreter may hang or abort while it finishes", file=sys.stderr)
                 return
-        time.sleep(0.05)
+            threads = set(self.threads)
+        self.wait_out_of_python(threads, timeout=5.0)
+
+    @staticmethod
+    def wait_out_of_python(threads: set[int], timeout: float) -> bool:
+        """Wait until none of ``threads`` runs Python code (has a frame); False on timeout.
+
+        A C++ thread calling into Python holds a thread state with frames only during the
+        call, so its absence from ``sys._current_frames()`` means it is back in C++.
+        """
+        frames = getattr(sys, "_current_frames", None)
+        if frames is None:  # not CPython: the old fixed wait
+            time.sleep(0.05)
+            return True
+        deadline = time.monotonic() + timeout
+        while threads & frames().keys():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
 
 
 class KerasAdapterMixin:

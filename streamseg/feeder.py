@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .buffers import BufferRecycler
+from .forkguard import FORK_GUARD
 from .pool import BatchPool
 
 __all__ = ["Feeder"]
@@ -86,7 +87,8 @@ class Feeder:
 
     def _produce_inline(self, task: Any) -> dict[str, np.ndarray]:
         out = {name: self.buffers.empty(shape, dtype) for name, (shape, dtype) in self.slots.items()}
-        n = self.producer.produce(task, out)
+        with FORK_GUARD.producing():  # no fork of another dataset's workers meanwhile
+            n = self.producer.produce(task, out)
         return {name: arr[:n] for name, arr in out.items()}
 
     def _ensure_pool(self) -> BatchPool:

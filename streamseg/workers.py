@@ -19,7 +19,7 @@ import threading
 import time
 import traceback
 import weakref
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from multiprocessing import shared_memory
 from multiprocessing.connection import wait as _wait
 from typing import Any, Mapping
@@ -28,6 +28,7 @@ import numpy as np
 
 from .buffers import ALIGN_BYTES, aligned_empty  # lent slot arrays must be aligned as TF needs
 from .errors import OptionError
+from .forkguard import FORK_GUARD
 
 PRIORITIES = ("normal", "low", "idle")
 """Scheduling priorities of worker processes: ``"normal"`` (as the main process), ``"low"``
@@ -187,7 +188,9 @@ def _thread_worker(producer: Any, setup: _Once, views: list, rows: int,
     while (item := tasks.get()) is not None:
         ticket, slot, task = item
         results.put(("start", ticket, None))
-        results.put(_produce(producer, setup, views[slot], rows, ticket, lambda: task))
+        with FORK_GUARD.producing():  # no fork of another pool's workers meanwhile
+            msg = _produce(producer, setup, views[slot], rows, ticket, lambda: task)
+        results.put(msg)
 
 
 def _describe_exit(code: int | None) -> str:
@@ -234,23 +237,29 @@ class ProcessBackend:
             self.views: list | None = _views([shm.buf for shm in self.shms], fields)
             if mask:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
-            for i in range(workers):
-                reader, writer = ctx.Pipe(duplex=False)
-                self.procs.append(ctx.Process(
-                    target=_process_worker, name=f"{name}-worker-{i}", daemon=True,
-                    args=(producer, [shm.name for shm in self.shms], fields, rows, self.tasks,
-                          self.stop, writer, poll, priority)))
-                self.conns.append(reader)
-                try:
-                    self.procs[-1].start()
-                finally:
-                    writer.close()  # keep only the child's end, so its death reads as EOF
+            with FORK_GUARD.forking() if ctx.get_start_method() == "fork" else nullcontext():
+                self._start(ctx, producer, fields, rows, workers, poll, name, priority)
         except BaseException:
             self.shutdown()
             raise
         finally:
             if mask:
                 signal.signal(signal.SIGINT, old)
+
+    def _start(self, ctx: Any, producer: Any, fields: Fields, rows: int, workers: int, poll: float,
+               name: str, priority: str) -> None:
+        """Start the worker processes (under fork: with no producer call running here)."""
+        for i in range(workers):
+            reader, writer = ctx.Pipe(duplex=False)
+            self.procs.append(ctx.Process(
+                target=_process_worker, name=f"{name}-worker-{i}", daemon=True,
+                args=(producer, [shm.name for shm in self.shms], fields, rows, self.tasks,
+                      self.stop, writer, poll, priority)))
+            self.conns.append(reader)
+            try:
+                self.procs[-1].start()
+            finally:
+                writer.close()  # keep only the child's end, so its death reads as EOF
 
     def send(self, ticket: int, slot: int, payload: bytes) -> None:
         self.tasks.put((ticket, slot, payload))
@@ -333,8 +342,9 @@ class ThreadBackend:
                 return [], None
             ticket = want if want in self.queued else next(iter(self.queued))
             slot, task = self.queued.pop(ticket)
-            return [(None, _produce(self.producer, self.setup, self.views[slot], self.rows,
-                                    ticket, lambda: task))], None
+            with FORK_GUARD.producing():
+                msg = _produce(self.producer, self.setup, self.views[slot], self.rows, ticket, lambda: task)
+            return [(None, msg)], None
         msgs = []
         with suppress(queue.Empty):
             msgs.append((None, self.results.get(timeout=timeout)))

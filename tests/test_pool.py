@@ -435,3 +435,55 @@ def test_a_forked_worker_gets_a_resource_tracker_lock_a_parent_thread_held():
     finally:
         release.set()
         t.join()
+
+
+class _Recording(H.Producer):
+    """Thread-worker producer that says when it is inside produce() and when it leaves."""
+
+    def __init__(self, inside, order) -> None:
+        super().__init__()
+        self.inside, self.order = inside, order
+
+    def produce(self, task, out):
+        self.inside.set()
+        n = super().produce(task, out)
+        self.order.append("produce done")
+        return n
+
+
+@pytest.mark.skipif("fork" not in METHODS, reason="fork is not available here")
+def test_fork_waits_for_producer_calls_in_this_process():
+    # a fork while another thread runs native producer code (OpenCV) could copy a held lock
+    # into the worker; so forking waits until no producer call of this process is running
+    import threading
+
+    from streamseg.forkguard import FORK_GUARD
+
+    inside, order = threading.Event(), []
+    threads = BatchPool(_Recording(inside, order), H.SLOTS, workers=1, use_processes=False)
+    forked = None
+    try:
+        threads.submit("slow", H.task(1, sleep=0.5))
+        assert inside.wait(WAIT)
+        forked = make_pool(("process", "fork"), workers=1)
+        order.append("forked")
+        assert order == ["produce done", "forked"]
+        assert FORK_GUARD.producing_now == 0
+        np.testing.assert_array_equal(threads.result("slow", timeout=WAIT)["x"], H.expected(1)["x"])
+        forked.submit(2, H.task(2))
+        np.testing.assert_array_equal(forked.result(2, timeout=WAIT)["x"], H.expected(2)["x"])
+    finally:
+        threads.close()
+        if forked is not None:
+            forked.close()
+
+
+def test_fork_guard_gives_up_after_its_timeout(capsys):
+    from streamseg.forkguard import ForkGuard
+
+    guard, order = ForkGuard(), []
+    with guard.producing():
+        with guard.forking(timeout=0.05):  # a call that never ends delays a fork, never blocks it
+            order.append("forked")
+    assert order == ["forked"] and guard.producing_now == 0
+    assert "still being produced in this process after 0.05 s" in capsys.readouterr().err

@@ -211,6 +211,32 @@ def test_tf_calls_quiesce_waits_for_a_running_call_and_refuses_new_ones():
     assert calls.enter() is False and calls.running == 0
 
 
+def test_tf_calls_quiesce_waits_until_the_calling_thread_leaves_python():
+    """After our function returns, tf.data's wrapper still runs Python in that thread; exit
+    must wait for it too (a fixed 50 ms wait did not always suffice on a loaded machine)."""
+    import threading
+
+    from streamseg.adapter import _TfCalls
+
+    calls, left, order = _TfCalls(), threading.Event(), []
+
+    def call():  # stands for tf.data's thread: our function, then more Python in the wrapper
+        assert calls.enter()
+        calls.leave()
+        left.set()
+        time.sleep(0.4)
+        order.append("wrapper done")
+
+    t = threading.Thread(target=call)
+    t.start()
+    left.wait(10)
+    calls.quiesce(timeout=10)
+    order.append("quiesced")
+    t.join()
+    assert order == ["wrapper done", "quiesced"]
+    assert _TfCalls.wait_out_of_python({threading.get_ident()}, timeout=0.05) is False  # this thread runs Python
+
+
 def test_tf_iterator_after_close_says_so(synth_store):
     ds = SegmentationDataset(synth_store, 8, workers=2, use_multiprocessing=True)
     expected = ds[1][0]
