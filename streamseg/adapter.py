@@ -63,7 +63,14 @@ class _TfCalls:
                       "at exit; the interpreter may hang or abort while it finishes", file=sys.stderr)
                 return
             threads = set(self.threads)
-        self.wait_out_of_python(threads, timeout=5.0)
+        # an ident of a tf.data thread that has ended may be reused by a Python thread (a
+        # keep_alive timer, say) that never leaves Python: wait only for threads that
+        # threading did not start
+        threads -= {t.ident for t in threading.enumerate() if not isinstance(t, threading._DummyThread)}
+        threads.discard(threading.get_ident())
+        if not self.wait_out_of_python(threads, timeout=5.0):
+            print("streamseg: a tf.data thread was still running Python 5 s after its last call into "
+                  "the dataset at exit; the interpreter may hang or abort while it finishes", file=sys.stderr)
 
     @staticmethod
     def wait_out_of_python(threads: set[int], timeout: float) -> bool:

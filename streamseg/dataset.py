@@ -175,6 +175,7 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, _DataAdapter):  # type: 
         self._orders: dict[int, np.ndarray] = {}
         self._carry: _Carry | None = None
         self._passes = 0  # passes started over __iter__ with workers
+        self._closes = 0  # explicit close() calls: a pass begun before one must not restart workers
         self._tf_pass: Any = None  # the pass over __iter__ that get_tf_dataset's iterator reads
         self._tf_lock = threading.Lock()
         self._tf_calls: Any = None  # tf.data's calls into _tf_batch, waited for at exit
@@ -345,7 +346,7 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, _DataAdapter):  # type: 
         pass it also collects the first batch of the next epoch, which the next pass takes
         if it is for that epoch (Keras spends ~20 ms between epochs meanwhile).
         """
-        epoch, n = self._epoch, len(self)
+        epoch, n, closes = self._epoch, len(self), self._closes
         if self._feeder.inline:
             for i in range(n):
                 yield self._fetch(epoch, i, range(i + 1, n))
@@ -373,13 +374,13 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, _DataAdapter):  # type: 
             try:
                 if first is not None and not offer(first):
                     return
-                begin = 0 if first is None else 1
-                for i in range(begin, n):
+                for i in range(0 if first is None else 1, n):
                     if stop.is_set():
                         return  # abandoned: fetch nothing more
-                    # only the pass's first fetch may start workers: a later one finding none
-                    # means close() ran meanwhile, and must not bring them back behind its back
-                    if not offer(self._fetch(epoch, i, range(i + 1, n), start=i == begin)):
+                    # after an explicit close() the pass must not bring the workers back behind
+                    # the caller's back; a keep_alive expiry (on_epoch_end mid-pass, when fit
+                    # has steps_per_epoch < len) or a failure restarts them as usual
+                    if not offer(self._fetch(epoch, i, range(i + 1, n), start=self._closes == closes)):
                         return
                 # Only after a complete pass: an abandoned generator may be closed by tf.data's
                 # iterator destructor at interpreter exit, where starting timers is unsafe.
@@ -436,7 +437,12 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, _DataAdapter):  # type: 
         self._feeder.epoch_finished(keep=lambda key: key[0] >= current)
 
     def close(self) -> None:
-        """Stop worker processes and free shared memory now."""
+        """Stop worker processes and free shared memory now.
+
+        A pass over ``__iter__`` in progress then ends with a :class:`StreamsegError` instead
+        of starting workers again; a new pass (or ``ds[i]``) starts them.
+        """
+        self._closes += 1
         self._carry = None
         with self._tf_lock:
             if self._tf_pass is not None:

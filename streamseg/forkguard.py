@@ -15,6 +15,7 @@ that runs OpenCV in threads of its own should use ``start_method="forkserver"`` 
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from contextlib import contextmanager
@@ -32,6 +33,10 @@ class ForkGuard:
     """
 
     def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        """Fresh state; also what a forked child starts from (it has only the forking thread)."""
         self._cond = threading.Condition()
         self._producing = 0
         self._forking = 0
@@ -59,9 +64,10 @@ class ForkGuard:
         """Hold while forking worker processes."""
         with self._cond:
             self._forking += 1
-            if not self._cond.wait_for(lambda: self._producing == 0, timeout):
-                print(f"streamseg: {self._producing} batch(es) still being produced in this process after "
-                      f"{timeout:g} s; forking the workers anyway", file=sys.stderr)
+            late = 0 if self._cond.wait_for(lambda: self._producing == 0, timeout) else self._producing
+        if late:
+            print(f"streamseg: {late} batch(es) still being produced in this process after "
+                  f"{timeout:g} s; forking the workers anyway", file=sys.stderr)
         try:
             yield
         finally:
@@ -72,3 +78,6 @@ class ForkGuard:
 
 FORK_GUARD = ForkGuard()
 """The one guard of this process: forks and producer calls of every dataset must meet here."""
+
+if hasattr(os, "register_at_fork"):  # a child forked mid-fork must not inherit a pending fork
+    os.register_at_fork(after_in_child=FORK_GUARD._reset)

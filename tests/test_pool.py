@@ -487,3 +487,21 @@ def test_fork_guard_gives_up_after_its_timeout(capsys):
             order.append("forked")
     assert order == ["forked"] and guard.producing_now == 0
     assert "still being produced in this process after 0.05 s" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not hasattr(os, "register_at_fork"), reason="needs os.fork")
+def test_a_child_forked_during_a_fork_starts_with_a_free_guard():
+    # the workers are forked while the guard is held: they must not inherit a pending fork,
+    # or a producer call in them would wait for good
+    from streamseg.forkguard import FORK_GUARD
+
+    with FORK_GUARD.forking():
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            ok = FORK_GUARD._forking == 0 and FORK_GUARD.producing_now == 0
+            if ok:
+                with FORK_GUARD.producing():
+                    pass
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

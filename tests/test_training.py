@@ -214,11 +214,12 @@ def test_tf_calls_quiesce_waits_for_a_running_call_and_refuses_new_ones():
 def test_tf_calls_quiesce_waits_until_the_calling_thread_leaves_python():
     """After our function returns, tf.data's wrapper still runs Python in that thread; exit
     must wait for it too (a fixed 50 ms wait did not always suffice on a loaded machine)."""
+    import _thread
     import threading
 
     from streamseg.adapter import _TfCalls
 
-    calls, left, order = _TfCalls(), threading.Event(), []
+    calls, left, done, order = _TfCalls(), threading.Event(), threading.Event(), []
 
     def call():  # stands for tf.data's thread: our function, then more Python in the wrapper
         assert calls.enter()
@@ -226,15 +227,33 @@ def test_tf_calls_quiesce_waits_until_the_calling_thread_leaves_python():
         left.set()
         time.sleep(0.4)
         order.append("wrapper done")
+        done.set()
 
-    t = threading.Thread(target=call)
-    t.start()
+    _thread.start_new_thread(call, ())  # like tf.data's C++ thread: not one threading started
     left.wait(10)
     calls.quiesce(timeout=10)
     order.append("quiesced")
-    t.join()
+    done.wait(10)
     assert order == ["wrapper done", "quiesced"]
     assert _TfCalls.wait_out_of_python({threading.get_ident()}, timeout=0.05) is False  # this thread runs Python
+
+
+def test_tf_calls_quiesce_ignores_python_threads_that_reuse_a_tf_ident(capsys):
+    """An ended tf.data thread's ident may be reused by a Python thread that never leaves
+    Python (a keep_alive timer waiting): exit must not wait 5 s for it."""
+    import threading
+
+    from streamseg.adapter import _TfCalls
+
+    calls, release = _TfCalls(), threading.Event()
+    t = threading.Thread(target=release.wait, args=(30,))
+    t.start()
+    calls.threads.add(t.ident)  # as if a finished tf.data thread had had this ident
+    calls.quiesce(timeout=10)
+    alive = t.is_alive()
+    release.set()
+    t.join()
+    assert alive and "still running Python" not in capsys.readouterr().err
 
 
 def test_tf_iterator_after_close_says_so(synth_store):
@@ -269,3 +288,21 @@ def test_close_during_a_pass_does_not_bring_workers_back(synth_store):
     assert [m for _, m in ds][0].shape == expected[0].shape  # a new pass starts the workers again
     ds.close()
     assert wait_no_workers() == []
+
+
+def test_keep_alive_expiring_mid_pass_restarts_the_workers(synth_store):
+    # fit with steps_per_epoch < len(ds) keeps one pass across epochs and calls on_epoch_end
+    # in between; a validation longer than keep_alive closes the pool mid-pass: the pass goes on
+    ds = SegmentationDataset(synth_store, 8, workers=2, use_multiprocessing=True, shuffle=False, keep_alive=0.2)
+    expected = [ds[i][1].copy() for i in range(len(ds))]
+    gen = iter(ds)
+    got = [next(gen)[1].copy(), next(gen)[1].copy()]
+    time.sleep(1.0)  # the hand-over thread fetches ahead until the hand-over queue is full
+    ds.on_epoch_end()
+    deadline = time.monotonic() + 10
+    while ds._feeder.pool is not None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the keep_alive timer closes the pool
+    assert ds._feeder.pool is None
+    got += [mask.copy() for _, mask in gen]
+    assert len(got) == len(ds) and all(np.array_equal(g, e) for g, e in zip(got, expected))
+    ds.close()
