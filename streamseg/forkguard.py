@@ -3,8 +3,9 @@
 ``fork`` copies only the calling thread; a lock that another thread held at that moment stays
 held for good in the child.  OpenCV's thread pool and its per-thread state are guarded by such
 locks, so a worker forked while a thread of the parent was inside ``cv2.warpAffine`` can hang
-in its own first OpenCV call (seen once: a forked worker asleep in ``cv2.remap`` for good,
-while thread workers of another dataset in the same process were augmenting batches).
+in its own first OpenCV call (seen once, in a CI run of the test suite: a forked worker asleep
+in ``cv2.remap`` for good; thread workers of other datasets in that process may have been
+augmenting at the time, the one explanation found, not reproduced on demand).
 
 Producer calls that run in the main process (thread workers, inline production) hold
 :meth:`ForkGuard.producing`; starting worker processes with ``fork`` holds
