@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/bridge_floor.py --step-ms 26.27 --epochs 6
 
-Fits the simulated accelerator (``streamseg.bench.simulated_accelerator``) on the same
+Fits the simulated accelerator (``streamseg.bench.measure.simulated_accelerator``) on the same
 ready-made 32x256x256x3 float32 batch (64-byte aligned, so no copy) fed three ways, 32 batches
 per epoch: ``Dataset.from_tensors`` (no Python per step: the floor ``streamseg bench``
 measures stall against), ``Dataset.from_generator``, ``Dataset.range(n).map`` over a
@@ -31,8 +31,8 @@ def main() -> None:
     import keras
     import tensorflow as tf
 
-    from streamseg.bench import simulated_accelerator
-    from streamseg.buffers import aligned_empty
+    from streamseg.bench.measure import simulated_accelerator
+    from streamseg.parallel.buffers import aligned_empty
 
     n = 32
     x = aligned_empty((32, 256, 256, 3), np.float32)

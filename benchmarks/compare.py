@@ -4,7 +4,7 @@ Makes the synthetic data once (256x256x3 uint8 images with 1-channel masks, as z
 stores plus PNG TFRecord shards, cached under ``--data``), then runs every pipeline of
 :mod:`peers` at each worker count and consumer speed, one after the other, each in a FRESH
 subprocess (so memory peaks are per pipeline), all through the same harness
-(:func:`streamseg.bench.measure_fit`, by default the simulated accelerator).  Failures
+(:func:`streamseg.bench.measure.measure_fit`, by default the simulated accelerator).  Failures
 (exceptions, time-outs, out-of-memory kills) and skips are recorded, not raised.
 
 Usage::
@@ -48,8 +48,8 @@ def prepare_data(data_dir: str | os.PathLike, count: int, size: int = 256, class
     Call before importing TensorFlow: the conversion forks worker processes.
     """
     from streamseg import open_store
-    from streamseg.converter import convert_source
-    from streamseg.sources import SynthSource
+    from streamseg.store.converter import convert_source
+    from streamseg.io.sources import SynthSource
 
     base = Path(data_dir) / f"synth_n{count}_{size}px_c{classes}_seed{seed}"
     paths = {"dir": str(base)}
@@ -80,7 +80,7 @@ def _child(spec: dict[str, Any]) -> int:
 
     faulthandler.dump_traceback_later(max(5.0, spec["timeout"] - 10.0), exit=False)  # a hang leaves stacks
     import peers
-    from streamseg.bench import measure_fit
+    from streamseg.bench.measure import measure_fit
 
     out: dict[str, Any] = {"status": "ok"}
     ds = None
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.child:
         return _child(json.loads(args.child))
-    from streamseg.bench import parse_size
+    from streamseg.bench.measure import parse_size
 
     t_start = time.perf_counter()
     data = prepare_data(args.data, args.count, args.size, args.classes, args.seed)

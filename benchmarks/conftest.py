@@ -17,8 +17,8 @@ COUNT = int(os.environ.get("STREAMSEG_BENCH_COUNT", "640"))
 @pytest.fixture(scope="session")
 def stores(tmp_path_factory):
     """The same synthetic 256x256x3 set as a zarr and a memmap store."""
-    from streamseg.converter import convert_source
-    from streamseg.sources import SynthSource
+    from streamseg.store.converter import convert_source
+    from streamseg.io.sources import SynthSource
 
     root = tmp_path_factory.mktemp("micro")
     source = SynthSource(COUNT, size=(256, 256), classes=3)

@@ -14,9 +14,9 @@ import multiprocessing as mp
 import numpy as np
 import pytest
 
-from streamseg.augment import Augment
-from streamseg.batches import BatchOptions, BatchProducer, epoch_order
-from streamseg.pool import BatchPool
+from streamseg.pipeline.augment import Augment
+from streamseg.pipeline.batches import BatchOptions, BatchProducer, epoch_order
+from streamseg.parallel.pool import BatchPool
 
 B = 32
 

@@ -51,11 +51,11 @@ __all__ = [
 ]
 
 _LAZY = {
-    "Augment": ("augment", "Augment"),
-    "SegmentationDataset": ("dataset", "SegmentationDataset"),
-    "split": ("dataset", "split"),
-    "convert": ("converter", "convert"),
-    "synth_sample": ("synth", "synth_sample"),
+    "Augment": ("pipeline.augment", "Augment"),
+    "SegmentationDataset": ("pipeline.dataset", "SegmentationDataset"),
+    "split": ("pipeline.dataset", "split"),
+    "convert": ("store.converter", "convert"),
+    "synth_sample": ("io.synth", "synth_sample"),
 }
 
 

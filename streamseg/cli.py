@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-train", action="store_true", help="stop after convert and info")
 
     p = sub.add_parser("bench", help="measure the input pipeline feeding model.fit")
-    from .bench_cli import add_bench_arguments
+    from .bench.cli import add_bench_arguments
 
     add_bench_arguments(p)
     return parser
@@ -92,15 +92,15 @@ def _cmd_synth(args: argparse.Namespace) -> None:
     progress = False if args.quiet else "auto"
     dtype = "uint16" if args.bits == 16 else "uint8"
     if args.to == "files":
-        from .synth import write_synth_folder
+        from .io.synth import write_synth_folder
 
         write_synth_folder(args.dst, args.count, size=tuple(args.size), classes=args.classes,
                            channels=args.channels, seed=args.seed, dtype=dtype, ext=args.ext,
                            mask_suffix=args.mask_suffix, progress=None if progress else False)
         print(f"wrote {args.count} image/mask pairs to {args.dst}/images and {args.dst}/masks")
         return
-    from .converter import convert_source
-    from .sources import SynthSource
+    from .store.converter import convert_source
+    from .io.sources import SynthSource
 
     source = SynthSource(args.count, size=tuple(args.size), classes=args.classes, channels=args.channels,
                          seed=args.seed, dtype=dtype)
@@ -111,7 +111,7 @@ def _cmd_synth(args: argparse.Namespace) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
-    from .converter import convert
+    from .store.converter import convert
 
     store = convert(args.src, args.dst, images=args.images, masks=args.masks, images_key=args.images_key,
                     masks_key=args.masks_key, images_dir=args.images_dir, masks_dir=args.masks_dir,
@@ -125,14 +125,14 @@ def _cmd_convert(args: argparse.Namespace) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
-    from .inspect import format_info, store_info
+    from .store.inspect import format_info, store_info
 
     info = store_info(args.store)
     print(json.dumps(info, indent=1) if args.json else format_info(info))
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .inspect import verify_store
+    from .store.inspect import verify_store
 
     damaged = verify_store(args.store, progress=False if args.quiet else "auto")
     if not damaged:
@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             run_demo(args)
         elif args.command == "bench":
-            from .bench_cli import run_bench_command
+            from .bench.cli import run_bench_command
 
             return run_bench_command(args)
     except StreamsegError as exc:

@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from .converter import convert
-from .inspect import format_info, store_info
-from .memory import MemorySampler
-from .synth import write_synth_folder
+from .store.converter import convert
+from .store.inspect import format_info, store_info
+from .bench.memory import MemorySampler
+from .io.synth import write_synth_folder
 
 __all__ = ["run_demo", "preview_grid"]
 
@@ -73,8 +73,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         return {}
     print(f"[3/4] training a small U-Net for {args.epochs} epochs, workers={args.workers}, "
           "use_multiprocessing=True")
-    from .augment import Augment
-    from .dataset import SegmentationDataset, split
+    from .pipeline.augment import Augment
+    from .pipeline.dataset import SegmentationDataset, split
     from .models import small_unet
 
     train_idx, val_idx = split(store_path, val_fraction=0.2, seed=0)

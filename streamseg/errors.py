@@ -7,6 +7,13 @@ and friends keep working.
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
 __all__ = [
     "StreamsegError",
     "StoreNotFoundError",
@@ -21,6 +28,7 @@ __all__ = [
     "WorkerError",
     "WorkerDiedError",
     "truncate",
+    "reject_unknown_keywords",
 ]
 
 
@@ -76,3 +84,26 @@ class WorkerError(StreamsegError, RuntimeError):
 
 class WorkerDiedError(WorkerError):
     """A worker process died (killed, out of memory, crashed) while busy."""
+
+
+def reject_unknown_keywords(func: _F) -> _F:
+    """Make ``func`` raise :class:`OptionError` listing its valid keywords on an unknown one.
+
+    Python's own ``TypeError`` names the bad keyword but not the valid ones; this wrapper
+    keeps the signature (``help()``, IDEs and ``inspect.signature`` still show every option)
+    and adds the list.
+    """
+    params = inspect.signature(func).parameters
+    valid = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+             and n != "self"]
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        unknown = sorted(set(kwargs) - set(valid))
+        if unknown:
+            owner = func.__qualname__.split(".")[0]
+            raise OptionError(f"Unknown option(s) {', '.join(unknown)} for {owner}. Valid options: "
+                              f"{', '.join(valid)}. Received: {truncate(unknown)}")
+        return func(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

@@ -1,4 +1,4 @@
-"""Tests of streamseg.augment.Augment (joint image + mask augmentation)."""
+"""Tests of streamseg.pipeline.augment.Augment (joint image + mask augmentation)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamseg.augment import PRESETS, Augment
+from streamseg.pipeline.augment import PRESETS, Augment
 from streamseg.errors import InputError, LabelError, OptionError
 
 PHOTOMETRIC = ("brightness", "contrast", "gamma", "noise", "blur")
@@ -199,7 +199,7 @@ def test_alignment_oracle(elastic):
 
 
 def test_elastic_deforms_both_and_field_amplitude_matches_full_resolution():
-    from streamseg.augment import _elastic_field
+    from streamseg.pipeline.augment import _elastic_field
 
     mask = shapes_mask(seed=1)
     image = label_image(mask, 1)

@@ -1,4 +1,4 @@
-"""``streamseg bench`` and :func:`streamseg.bench.measure_fit`: fields, definitions, memory cap."""
+"""``streamseg bench`` and :func:`streamseg.bench.measure.measure_fit`: fields, definitions, memory cap."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from streamseg import OptionError
-from streamseg.bench import cgroup_v2_prepare, measure_fit, parse_size
+from streamseg.bench.measure import cgroup_v2_prepare, measure_fit, parse_size
 from streamseg.cli import main
 
 pytestmark = pytest.mark.slow
@@ -30,8 +30,8 @@ def gpu_present() -> bool:
 
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory):
-    from streamseg.converter import convert_source
-    from streamseg.sources import SynthSource
+    from streamseg.store.converter import convert_source
+    from streamseg.io.sources import SynthSource
 
     dst = tmp_path_factory.mktemp("bench") / "tiny.zarr"
     convert_source(SynthSource(24, size=(32, 32), classes=3), dst, chunk_samples=4, progress=False)
@@ -171,7 +171,7 @@ def test_cgroup_v2_prepare_on_a_fake_hierarchy(tmp_path):
 
 def test_memory_cap_child_joins_the_prepared_cgroup(tiny_store, tmp_path, monkeypatch):
     """The capped path end to end, on a stand-in cgroup folder (the limit itself is the kernel's job)."""
-    import streamseg.memcap as memcap
+    import streamseg.bench.memcap as memcap
 
     group = tmp_path / "fake-cgroup"
     group.mkdir()

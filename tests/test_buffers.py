@@ -1,4 +1,4 @@
-"""Aligned, recycled batch buffers (streamseg.buffers)."""
+"""Aligned, recycled batch buffers (streamseg.parallel.buffers)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamseg.buffers import BufferRecycler, aligned_empty
+from streamseg.parallel.buffers import BufferRecycler, aligned_empty
 
 
 @settings(max_examples=50, deadline=None)

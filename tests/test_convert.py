@@ -26,7 +26,7 @@ from streamseg import (
     convert,
     open_store,
 )
-from streamseg.inspect import store_info, verify_store
+from streamseg.store.inspect import store_info, verify_store
 
 
 def test_folder_round_trip_rgb_order(tmp_path, backend):
@@ -83,7 +83,7 @@ def test_npy_and_npz_sources_are_memory_mapped(tmp_path, backend):
     store = convert(images=tmp_path / "d.npz", masks=tmp_path / "d.npz", images_key="x", masks_key="y",
                     dst=tmp_path / "s", format=backend, progress=False)
     np.testing.assert_array_equal(store.read(np.arange(6))[0], images)
-    from streamseg.sources import open_array
+    from streamseg.io.sources import open_array
 
     assert isinstance(open_array(tmp_path / "d.npz", "x"), np.memmap)
     np.savez_compressed(tmp_path / "c.npz", x=images, y=masks)
@@ -151,7 +151,7 @@ def test_existing_destination(tmp_path):
 
 _SLOW_CONVERT = """
 import sys, time
-import streamseg.converter as c
+import streamseg.store.converter as c
 orig = c._ChunkTask.__call__
 def slow(self, k):
     rec = orig(self, k)

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from streamseg.memory import MemorySampler, memory_snapshot, smaps_rollup
+from streamseg.bench.memory import MemorySampler, memory_snapshot, smaps_rollup
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 

@@ -1,4 +1,4 @@
-"""Tests of streamseg.pool.BatchPool (processes under fork/forkserver/spawn, threads, sync)."""
+"""Tests of streamseg.parallel.pool.BatchPool (processes under fork/forkserver/spawn, threads, sync)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # children inherit sys
 import _pool_helpers as H  # noqa: E402
 
 from streamseg.errors import OptionError, WorkerDiedError, WorkerError  # noqa: E402
-from streamseg.pool import BatchPool  # noqa: E402
+from streamseg.parallel.pool import BatchPool  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT = 30.0  # generous result() timeout: a hang fails with TimeoutError instead of hanging
@@ -261,7 +261,7 @@ SCRIPT = textwrap.dedent("""
     import os, signal, sys, time
     sys.path.insert(0, {tests!r})
     import _pool_helpers as H
-    from streamseg.pool import BatchPool
+    from streamseg.parallel.pool import BatchPool
     from streamseg.errors import WorkerDiedError
 
     def main(mode, method):
@@ -311,7 +311,10 @@ def test_no_leaks_at_interpreter_exit(tmp_path, mode, method):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, str(script), mode, method], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # own process group, like a terminal job
+                            start_new_session=True,  # own process group, like a terminal job
+                            # a shell's background job ignores SIGINT, and children inherit
+                            # that; a terminal job does not: give the script the terminal's
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         lines = [proc.stdout.readline()]
         if mode == "ctrl-c":
@@ -391,7 +394,7 @@ def test_lent_results_outlive_close():
 
 
 def test_a_worker_that_may_not_lower_its_priority_says_so(monkeypatch, capsys):
-    from streamseg import workers
+    from streamseg.parallel import workers
 
     def deny(*args):
         raise PermissionError(1, "Operation not permitted")
@@ -409,7 +412,7 @@ def test_a_forked_worker_gets_a_resource_tracker_lock_a_parent_thread_held():
     import threading
     from multiprocessing import resource_tracker
 
-    from streamseg.workers import _fresh_fork_locks
+    from streamseg.parallel.workers import _fresh_fork_locks
 
     tracker = resource_tracker._resource_tracker
     held, release = threading.Event(), threading.Event()
@@ -457,7 +460,7 @@ def test_fork_waits_for_producer_calls_in_this_process():
     # into the worker; so forking waits until no producer call of this process is running
     import threading
 
-    from streamseg.forkguard import FORK_GUARD
+    from streamseg.parallel.forkguard import FORK_GUARD
 
     inside, order = threading.Event(), []
     threads = BatchPool(_Recording(inside, order), H.SLOTS, workers=1, use_processes=False)
@@ -479,7 +482,7 @@ def test_fork_waits_for_producer_calls_in_this_process():
 
 
 def test_fork_guard_gives_up_after_its_timeout(capsys):
-    from streamseg.forkguard import ForkGuard
+    from streamseg.parallel.forkguard import ForkGuard
 
     guard, order = ForkGuard(), []
     with guard.producing():
@@ -493,7 +496,7 @@ def test_fork_guard_gives_up_after_its_timeout(capsys):
 def test_a_child_forked_during_a_fork_starts_with_a_free_guard():
     # the workers are forked while the guard is held: they must not inherit a pending fork,
     # or a producer call in them would wait for good
-    from streamseg.forkguard import FORK_GUARD
+    from streamseg.parallel.forkguard import FORK_GUARD
 
     with FORK_GUARD.forking():
         pid = os.fork()

@@ -1,4 +1,4 @@
-"""Tests of streamseg.synth: the synthetic medical-looking dataset generator."""
+"""Tests of streamseg.io.synth: the synthetic medical-looking dataset generator."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamseg.errors import OptionError
-from streamseg.synth import IMAGE_EXTENSIONS, synth_pairs, synth_sample, write_synth_folder
+from streamseg.io.synth import IMAGE_EXTENSIONS, synth_pairs, synth_sample, write_synth_folder
 
 
 # --------------------------------------------------------------------------- #

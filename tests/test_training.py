@@ -37,8 +37,8 @@ def wait_no_workers(timeout: float = 15.0) -> list[psutil.Process]:
 
 @pytest.fixture(scope="module")
 def synth_store(tmp_path_factory):
-    from streamseg.converter import convert_source
-    from streamseg.sources import SynthSource
+    from streamseg.store.converter import convert_source
+    from streamseg.io.sources import SynthSource
 
     dst = tmp_path_factory.mktemp("fit") / "s.zarr"
     return convert_source(SynthSource(48, size=(32, 32), classes=3), dst, chunk_samples=4, progress=False)
@@ -151,8 +151,8 @@ def test_interpreter_exits_with_a_tf_iterator_left_mid_epoch(tmp_path, workers, 
     import sys
     import textwrap
 
-    from streamseg.converter import convert_source
-    from streamseg.sources import SynthSource
+    from streamseg.store.converter import convert_source
+    from streamseg.io.sources import SynthSource
 
     store = convert_source(SynthSource(96, size=(256, 256), classes=3), tmp_path / "s.zarr", progress=False)
     script = textwrap.dedent(f"""
@@ -189,7 +189,7 @@ def test_tf_iterator_deleted_mid_epoch_while_a_call_runs(synth_store):
 def test_tf_calls_quiesce_waits_for_a_running_call_and_refuses_new_ones():
     import threading
 
-    from streamseg.adapter import _TfCalls
+    from streamseg.pipeline.adapter import _TfCalls
 
     calls, inside, release, order = _TfCalls(), threading.Event(), threading.Event(), []
 
@@ -217,7 +217,7 @@ def test_tf_calls_quiesce_waits_until_the_calling_thread_leaves_python():
     import _thread
     import threading
 
-    from streamseg.adapter import _TfCalls
+    from streamseg.pipeline.adapter import _TfCalls
 
     calls, left, done, order = _TfCalls(), threading.Event(), threading.Event(), []
 
@@ -243,7 +243,7 @@ def test_tf_calls_quiesce_ignores_python_threads_that_reuse_a_tf_ident(capsys):
     Python (a keep_alive timer waiting): exit must not wait 5 s for it."""
     import threading
 
-    from streamseg.adapter import _TfCalls
+    from streamseg.pipeline.adapter import _TfCalls
 
     calls, release = _TfCalls(), threading.Event()
     t = threading.Thread(target=release.wait, args=(30,))

@@ -19,7 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .errors import InputError, LabelError, OptionError, truncate
+from ..errors import InputError, LabelError, OptionError, truncate
 
 __all__ = ["Augment", "PRESETS"]
 

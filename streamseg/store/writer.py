@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import OptionError, StoreExistsError, truncate
-from .store import ARRAY_NAMES, FORMAT_VERSION, MANIFEST_NAME, PLAN_NAME, PROGRESS_NAME
+from ..errors import OptionError, StoreExistsError, truncate
+from .reader import ARRAY_NAMES, FORMAT_VERSION, MANIFEST_NAME, PLAN_NAME, PROGRESS_NAME
 
 __all__ = ["ChunkSink", "chunk_record", "prepare_destination", "finalize_store", "COMPRESSORS",
            "default_chunk_samples"]
@@ -83,7 +83,7 @@ class ChunkSink:
             if self.plan["backend"] == "memmap":
                 self._arrays = {n: np.load(self.path / f"{n}.npy", mmap_mode="r+") for n in ARRAY_NAMES}
             else:
-                from .store import _ZarrChunkReader
+                from .reader import _ZarrChunkReader
 
                 self._arrays = {n: _ZarrChunkReader(self.path, n) for n in ARRAY_NAMES}
         return self._arrays

@@ -1,6 +1,6 @@
 """Main-process side of batch production: inline, threads, or a warm process pool.
 
-The :class:`Feeder` owns at most one :class:`~streamseg.pool.BatchPool` and keeps it
+The :class:`Feeder` owns at most one :class:`~streamseg.parallel.pool.BatchPool` and keeps it
 across epochs.  Each request names the batch it wants plus the batches likely to follow,
 which are submitted ahead (up to ``max_queue_size``).  Guesses that turn out wrong are
 dropped.  The pool is shut down by :meth:`Feeder.close`, or ``keep_alive`` seconds after

@@ -23,6 +23,8 @@ import threading
 import weakref
 from typing import Any
 
+from numpy.typing import ArrayLike
+
 import numpy as np
 
 from .augment import Augment
@@ -36,10 +38,10 @@ from .batches import (
     validate_choice,
 )
 from .adapter import KerasAdapterMixin
-from .errors import LabelError, OptionError, StreamsegError, truncate
-from .feeder import Feeder
-from .workers import check_priority
-from .store import Store, open_store
+from ..errors import LabelError, OptionError, StreamsegError, reject_unknown_keywords, truncate
+from ..parallel.feeder import Feeder
+from ..parallel.workers import check_priority
+from ..store.reader import Store, open_store
 
 try:  # Keras 3
     from keras.utils import PyDataset
@@ -152,15 +154,31 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, _DataAdapter):  # type: 
         starves the workers.
     """
 
-    def __init__(self, store: Store | str | os.PathLike, batch_size: int = 32, **options: Any) -> None:
-        unknown = sorted(set(options) - set(_OPTIONS))
-        if unknown:
-            raise OptionError(f"Unknown option(s) {', '.join(unknown)}. Valid options: batch_size, "
-                              f"{', '.join(_OPTIONS)}. Received: {truncate(unknown)}")
-        o = {"indices": None, "shuffle": True, "seed": 0, "augment": None, "mask_mode": "sparse",
-             "num_classes": None, "normalize": "unit", "drop_remainder": False, "shard": None,
-             "window_chunks": None, "workers": 1, "use_multiprocessing": False, "max_queue_size": 10,
-             "start_method": None, "keep_alive": 5.0, "worker_priority": "normal", **options}
+    @reject_unknown_keywords
+    def __init__(
+        self,
+        store: Store | str | os.PathLike,
+        batch_size: int = 32,
+        *,
+        indices: ArrayLike | None = None,
+        shuffle: str | bool = True,
+        seed: int = 0,
+        augment: Augment | dict[str, Any] | str | None = None,
+        mask_mode: str = "sparse",
+        num_classes: int | None = None,
+        normalize: str | None = "unit",
+        drop_remainder: bool = False,
+        shard: tuple[int, int] | None = None,
+        window_chunks: int | None = None,
+        workers: int = 1,
+        use_multiprocessing: bool = False,
+        max_queue_size: int = 10,
+        start_method: str | None = None,
+        keep_alive: float = 5.0,
+        worker_priority: str = "normal",
+    ) -> None:
+        given = locals()
+        o: dict[str, Any] = {name: given[name] for name in _OPTIONS}
         super().__init__(workers=o["workers"], use_multiprocessing=o["use_multiprocessing"],
                          max_queue_size=o["max_queue_size"])
         self.store = store if isinstance(store, Store) else open_store(store)

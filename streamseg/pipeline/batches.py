@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import LabelError, OptionError, truncate
-from .store import Store
+from ..errors import LabelError, OptionError, truncate
+from ..store.reader import Store
 
 __all__ = ["BatchOptions", "epoch_order", "normalize_into", "sample_rng", "BatchProducer", "SHUFFLE_MODES",
            "MASK_MODES", "NORMALIZE_MODES"]

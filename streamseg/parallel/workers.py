@@ -1,4 +1,4 @@
-"""Worker processes and threads of a :class:`~streamseg.pool.BatchPool`, and the slots they fill.
+"""Worker processes and threads of a :class:`~streamseg.parallel.pool.BatchPool`, and the slots they fill.
 
 Process workers write into shared memory, one segment per slot (so an array lent from a slot
 keeps only that slot's segment mapped), and report ``(ticket, n)`` through a pipe each; a
@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .buffers import ALIGN_BYTES, aligned_empty  # lent slot arrays must be aligned as TF needs
-from .errors import OptionError
+from ..errors import OptionError
 from .forkguard import FORK_GUARD
 
 PRIORITIES = ("normal", "low", "idle")

@@ -17,7 +17,7 @@ a warm-up, from the end of the last warm-up step to the end of the last measured
   (same loop, same callback, median of up to 20 steps) and ``stall = overhead_fraction =
   1 - compute / wall``.  Clipped to [0, 1].  With ``step_ms=0`` both are 1 by definition:
   samples/s is then the pipeline's raw capacity;
-- **memory** peaks through the run (:class:`streamseg.memory.MemorySampler`): main USS, RssAnon
+- **memory** peaks through the run (:class:`streamseg.bench.memory.MemorySampler`): main USS, RssAnon
   and RssFile (file-backed pages such as memory-mapped store files, which the kernel can drop)
   apart, the workers' summed PSS, ``private`` = main USS + workers' PSS, ``tree_pss`` = main PSS
   + workers' PSS, and ``tree_anon_pss`` = Pss_Anon + Pss_Shmem summed over main and workers, i.e.
@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from .errors import OptionError, truncate
+from ..errors import OptionError, truncate
 from .memcap import cgroup_v2_prepare, run_capped
 from .memory import MemorySampler, memory_snapshot
 
@@ -330,7 +330,7 @@ def measure_fit(dataset: Any, *, model: Any = "simulated", step_ms: float = 20.0
         keras_model, kind = simulated_accelerator(step_ms), "simulated"
         compute_s = steps * float(step_ms) / 1000.0
     elif isinstance(model, str) and model == "unet":
-        from .models import small_unet
+        from ..models import small_unet
 
         x, y = batch = tuple(np.array(a) for a in _first_batch(dataset))  # a copy: no slot held
         shape = input_shape or getattr(getattr(dataset, "store", None), "image_shape", None) or x.shape[1:]
@@ -442,9 +442,9 @@ def format_result(r: dict[str, Any]) -> str:
 
 
 def _measure_store(args: argparse.Namespace) -> dict[str, Any]:
-    from .dataset import SegmentationDataset
-    from .inspect import store_info
-    from .store import open_store
+    from ..pipeline.dataset import SegmentationDataset
+    from ..store.inspect import store_info
+    from ..store.reader import open_store
 
     store = open_store(args.store)
     info = store_info(args.store)
@@ -469,7 +469,7 @@ def _measure_store(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_bench_cli(args: argparse.Namespace) -> int:
-    """Run ``streamseg bench`` for parsed arguments (see :mod:`streamseg.bench_cli`)."""
+    """Run ``streamseg bench`` for parsed arguments (see :mod:`streamseg.bench.cli`)."""
     for name, low in (("steps", 1), ("warmup", 0), ("batch_size", 1), ("workers", 0)):
         _check_int("--" + name.replace("_", "-"), getattr(args, name), low)
     if not args.step_ms >= 0:

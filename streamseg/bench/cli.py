@@ -1,4 +1,4 @@
-"""Arguments of ``streamseg bench`` (the measurement itself lives in :mod:`streamseg.bench`)."""
+"""Arguments of ``streamseg bench`` (the measurement itself lives in :mod:`streamseg.bench.measure`)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,6 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_bench_command(args: argparse.Namespace) -> int:
     """Run ``streamseg bench``; returns the exit status."""
-    from .bench import run_bench_cli
+    from .measure import run_bench_cli
 
     return run_bench_cli(args)

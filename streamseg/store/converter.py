@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError, OptionError, SourceMismatchError, truncate
-from .progress import Progress
-from .sources import ArraySource, FolderSource, SynthSource, prepare_pair
-from .store import Store, open_store
+from ..errors import InputError, OptionError, SourceMismatchError, truncate
+from ..progress import Progress
+from ..io.sources import ArraySource, FolderSource, SynthSource, prepare_pair
+from .reader import Store, open_store
 from .writer import (
     COMPRESSORS,
     FORMATS,
@@ -168,7 +168,7 @@ def convert_source(source: FolderSource | ArraySource | SynthSource, dst: str | 
                    image_dtype: str | None = None, chunk_samples: int | None = None,
                    compressor: str = "lz4", workers: int = 1, overwrite: bool = False,
                    resume: bool = False, progress: Any = "auto") -> Store:
-    """Convert any source object (see :mod:`streamseg.sources`) into a store; see :func:`convert`."""
+    """Convert any source object (see :mod:`streamseg.io.sources`) into a store; see :func:`convert`."""
     size = _validate(format, compressor, size, channels, image_dtype, chunk_samples, workers)
     options = {"size": size, "channels": channels, "image_dtype": image_dtype}
     count = len(source)

@@ -28,7 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .errors import OptionError, truncate
+from ..errors import OptionError, truncate
 
 __all__ = ["synth_sample", "synth_pairs", "write_synth_folder", "IMAGE_EXTENSIONS"]
 

@@ -1,4 +1,4 @@
-"""The Keras data-adapter side of :class:`~streamseg.dataset.SegmentationDataset`.
+"""The Keras data-adapter side of :class:`~streamseg.pipeline.dataset.SegmentationDataset`.
 
 ``model.fit(ds)`` asks a data adapter for an iterator in the backend's form; for TensorFlow,
 :meth:`KerasAdapterMixin.get_tf_dataset` bridges each epoch's pass over the dataset's
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import StreamsegError
+from ..errors import StreamsegError
 
 __all__ = ["KerasAdapterMixin"]
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError, LabelError, OptionError, SourceMismatchError, UnreadableFileError, truncate
+from ..errors import InputError, LabelError, OptionError, SourceMismatchError, UnreadableFileError, truncate
 
 __all__ = ["IMAGE_EXTENSIONS", "FolderSource", "ArraySource", "SynthSource", "prepare_pair",
            "open_array"]
@@ -200,7 +200,7 @@ class ArraySource:
 
 
 class SynthSource:
-    """The synthetic scan set of :mod:`streamseg.synth`, generated sample by sample."""
+    """The synthetic scan set of :mod:`streamseg.io.synth`, generated sample by sample."""
 
     def __init__(self, count: int, *, size: tuple[int, int] = (256, 256), classes: int = 3,
                  channels: int = 3, seed: int = 0, dtype: str = "uint8") -> None:

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CorruptChunkError
-from .progress import Progress
-from .store import ARRAY_NAMES, Store, open_store
+from ..errors import CorruptChunkError
+from ..progress import Progress
+from .reader import ARRAY_NAMES, Store, open_store
 
 __all__ = ["store_info", "format_info", "verify_store"]
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import (
+from ..errors import (
     CorruptChunkError,
     IncompleteStoreError,
     OptionError,

@@ -4,7 +4,7 @@ Unlike Keras' ``PyDataset`` multiprocessing (a new ``Pool`` every epoch, batches
 pickled through a pipe, a hang when a worker dies), :class:`BatchPool` keeps its
 workers, lets them write batches into preallocated slots and only sends
 ``(ticket, n)`` messages back: a batch is then lent in place from its slot, or copied
-out once.  The workers themselves live in :mod:`streamseg.workers`.
+out once.  The workers themselves live in :mod:`streamseg.parallel.workers`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Callable, Hashable, Mapping, Protocol
 import numpy as np
 
 from .buffers import aligned_empty, lend
-from .errors import OptionError, StreamsegError, WorkerDiedError, WorkerError
+from ..errors import OptionError, StreamsegError, WorkerDiedError, WorkerError
 from .workers import ProcessBackend, ThreadBackend, check_priority, layout_slots
 
 __all__ = ["BatchPool", "Producer"]
@@ -87,7 +87,7 @@ class BatchPool:
         ``allocate(shape, dtype)`` gives the array a result is copied into (default: a
         fresh 64-byte aligned array, e.g. ``BufferRecycler.empty`` to reuse memory).
     priority : {"normal", "low", "idle"}
-        Scheduling priority of worker processes (see :data:`streamseg.workers.PRIORITIES`);
+        Scheduling priority of worker processes (see :data:`streamseg.parallel.workers.PRIORITIES`);
         anything but "normal" needs ``use_processes=True`` and ``workers >= 1``.
 
     Notes
