@@ -13,6 +13,7 @@ from .store.converter import convert
 from .store.inspect import format_info, store_info
 from .bench.memory import MemorySampler
 from .io.synth import write_synth_folder
+from .native_stderr import load_tensorflow_quietly
 
 __all__ = ["run_demo", "preview_grid"]
 
@@ -73,6 +74,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         return {}
     print(f"[3/4] training a small U-Net for {args.epochs} epochs, workers={args.workers}, "
           "use_multiprocessing=True")
+    print(load_tensorflow_quietly())  # before Keras loads: TensorFlow's C++ start-up lines hidden
     from .pipeline.augment import Augment
     from .pipeline.dataset import SegmentationDataset, split
     from .models import small_unet

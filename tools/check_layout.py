@@ -25,6 +25,7 @@ __all__ = ["RANKS", "check", "main", "room_of"]
 RANKS: dict[str, int] = {
     "errors": 0,
     "progress": 0,
+    "native_stderr": 0,
     "io": 1,
     "parallel": 1,
     "models": 1,

@@ -45,6 +45,7 @@ import numpy as np
 import psutil
 
 from ..errors import OptionError, truncate
+from ..native_stderr import load_tensorflow_quietly
 from .memcap import cgroup_v2_prepare, run_capped
 from .memory import MemorySampler, memory_snapshot
 
@@ -485,6 +486,7 @@ def run_bench_cli(args: argparse.Namespace) -> int:
                 Path(args.json_path).write_text(json.dumps({"memory_cap": cap}, indent=1))
             return 1
     if result is None:
+        print(load_tensorflow_quietly(), file=sys.stderr)
         result = _measure_store(args)
     if cap is not None:
         result["memory_cap"] = cap

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..native_stderr import CodecNotes, NativeStderr
 from ..errors import InputError, LabelError, OptionError, SourceMismatchError, UnreadableFileError, truncate
 
 __all__ = ["IMAGE_EXTENSIONS", "FolderSource", "ArraySource", "SynthSource", "prepare_pair",
@@ -85,6 +86,7 @@ class FolderSource:
         self.stems = sorted(images)
         self.image_files = [str(images[s]) for s in self.stems]
         self.mask_files = [str(masks[s]) for s in self.stems]
+        self._notes = CodecNotes()  # per process: each worker notes a decoder warning once
 
     def __len__(self) -> int:
         return len(self.stems)
@@ -102,12 +104,18 @@ class FolderSource:
         out = []
         for path in (self.image_files[i], self.mask_files[i]):
             try:
-                arr = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+                with NativeStderr() as captured:  # libpng & co. print to fd 2 directly
+                    arr = cv2.imread(path, cv2.IMREAD_UNCHANGED)
             except cv2.error as exc:  # pragma: no cover - depends on the codec
                 arr = None
                 reason = str(exc).strip().splitlines()[-1]
             else:
                 reason = "not a readable image (corrupt, truncated or unsupported format)"
+            if captured.text:
+                if arr is None:  # the decoder's own words say best what is wrong
+                    reason = f"{reason}; the decoder said: {' '.join(captured.text.split())[:200]}"
+                else:
+                    self._notes.report(captured.text, path)
             if arr is None:
                 raise UnreadableFileError(f"Cannot read {path}: {reason}. Fix or remove the pair.")
             if arr.ndim == 3 and arr.shape[2] >= 3:  # OpenCV decodes colour as BGR(A)
