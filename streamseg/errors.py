@@ -95,7 +95,7 @@ def reject_unknown_keywords(func: _F) -> _F:
     """
     params = inspect.signature(func).parameters
     valid = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-             and n != "self"]
+             and p.default is not p.empty]  # the options; required arguments are not options
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:

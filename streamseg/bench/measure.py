@@ -442,7 +442,7 @@ def format_result(r: dict[str, Any]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def _measure_store(args: argparse.Namespace) -> dict[str, Any]:
+def _measure_store(args: argparse.Namespace, device: str | None = None) -> dict[str, Any]:
     from ..pipeline.dataset import SegmentationDataset
     from ..store.inspect import store_info
     from ..store.reader import open_store
@@ -453,6 +453,8 @@ def _measure_store(args: argparse.Namespace) -> dict[str, Any]:
     ds = SegmentationDataset(store, args.batch_size, augment=augment, shuffle=args.shuffle, workers=args.workers,
                              use_multiprocessing=not args.threads and args.workers > 0,
                              drop_remainder=len(store) >= args.batch_size, worker_priority=_priority(args))
+    if device:  # once the options are known to be valid
+        print(device, file=sys.stderr)
     try:
         result = measure_fit(ds, model=args.model, step_ms=args.step_ms, steps=args.steps, warmup=args.warmup)
     finally:
@@ -486,8 +488,7 @@ def run_bench_cli(args: argparse.Namespace) -> int:
                 Path(args.json_path).write_text(json.dumps({"memory_cap": cap}, indent=1))
             return 1
     if result is None:
-        print(load_tensorflow_quietly(), file=sys.stderr)
-        result = _measure_store(args)
+        result = _measure_store(args, load_tensorflow_quietly())
     if cap is not None:
         result["memory_cap"] = cap
         cap["dataset_raw_bytes"] = result["store"]["raw_bytes"]
