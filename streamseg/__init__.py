@@ -41,10 +41,12 @@ __all__ = [
     "StoreNotFoundError",
     "StreamsegError",
     "UnreadableFileError",
+    "Volume",
     "WorkerDiedError",
     "WorkerError",
     "convert",
     "open_store",
+    "read_volume",
     "split",
     "synth_sample",
     "__version__",
@@ -56,6 +58,8 @@ _LAZY = {
     "split": ("pipeline.dataset", "split"),
     "convert": ("store.converter", "convert"),
     "synth_sample": ("io.synth", "synth_sample"),
+    "read_volume": ("io.volumes", "read_volume"),
+    "Volume": ("io.volumes", "Volume"),
 }
 
 
