@@ -10,6 +10,9 @@ the end of ``fit``).
 
 from __future__ import annotations
 
+import functools
+import multiprocessing as mp
+import os
 import sys
 import threading
 from collections.abc import Callable, Hashable, Iterable
@@ -21,7 +24,22 @@ from .buffers import BufferRecycler
 from .forkguard import FORK_GUARD
 from .pool import BatchPool
 
-__all__ = ["Feeder"]
+__all__ = ["Feeder", "in_daemonic_process"]
+
+
+def in_daemonic_process() -> bool:
+    """Whether this process is a daemonic ``multiprocessing`` child, which may not start
+    processes of its own (a worker of a ``multiprocessing.Pool``, e.g. of Keras's own
+    ``PyDatasetAdapter`` with ``use_multiprocessing=True``)."""
+    return bool(mp.current_process().daemon)
+
+
+@functools.lru_cache(maxsize=None)
+def _say_inline(pid: int) -> None:
+    """Tell once per process (cached by pid) that worker processes are replaced by inline work."""
+    print(f"streamseg: process {pid} ({mp.current_process().name}) is a daemonic process, which may "
+          "not start worker processes (e.g. a worker of Keras's own PyDatasetAdapter or of a "
+          "multiprocessing.Pool): producing batches inline, in the calling thread", file=sys.stderr)
 
 
 class Feeder:
@@ -69,6 +87,7 @@ class Feeder:
         self.start_method = start_method
         self.keep_alive = keep_alive
         self.priority = priority
+        self._pid = os.getpid()
         self._pool: BatchPool | None = None
         self._lock = threading.RLock()
         self._timer: threading.Timer | None = None
@@ -77,8 +96,25 @@ class Feeder:
 
     @property
     def inline(self) -> bool:
-        """True when batches are produced in the calling thread."""
-        return self.workers <= 0 and not self.use_multiprocessing
+        """True when batches are produced in the calling thread: with no workers, or worker
+        processes asked for inside a daemonic process (said once per process on stderr)."""
+        if self.workers <= 0 and not self.use_multiprocessing:
+            return True
+        if self.use_multiprocessing and in_daemonic_process():
+            _say_inline(os.getpid())
+            return True
+        return False
+
+    def _check_process(self) -> None:
+        """In a child forked from the process that made this feeder (a worker of Keras's own
+        pool, say), forget the parent's pool, timer and locks: they belong to the parent, and a
+        lock one of its threads held at the fork would stay held here for good."""
+        if os.getpid() != self._pid:
+            self._pid = os.getpid()
+            self._lock = threading.RLock()
+            self._pool = None  # never closed from here: the parent's workers are its own
+            self._timer = None
+            self.buffers = BufferRecycler()
 
     @property
     def pool(self) -> BatchPool | None:
@@ -116,6 +152,7 @@ class Feeder:
         lend : bool
             Allow the batch to be lent in place from its slot (else it is copied out).
         """
+        self._check_process()
         if self.inline:
             return self._produce_inline(task)
         with self._lock:
@@ -152,6 +189,7 @@ class Feeder:
         """
         if sys.is_finalizing():  # no new threads at interpreter exit; the pool's finalizer cleans up
             return
+        self._check_process()
         with self._lock:
             if self._pool is not None and not self._pool.closed:
                 for key in self._pool.pending():
@@ -172,6 +210,7 @@ class Feeder:
 
     def close(self) -> None:
         """Stop the workers and free shared memory now (idempotent)."""
+        self._check_process()
         with self._lock:
             self._cancel_timer()
             if self._pool is not None:

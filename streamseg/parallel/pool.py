@@ -9,11 +9,15 @@ out once.  The workers themselves live in :mod:`streamseg.parallel.workers`.
 
 from __future__ import annotations
 
+import atexit
+import os
 import pickle
+import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, Callable, Hashable, Mapping, Protocol
+from contextlib import contextmanager
+from typing import Any, Callable, Hashable, Iterator, Mapping, Protocol
 
 import numpy as np
 
@@ -21,11 +25,69 @@ from .buffers import aligned_empty, lend
 from ..errors import OptionError, StreamsegError, WorkerDiedError, WorkerError
 from .workers import ProcessBackend, ThreadBackend, check_priority, layout_slots
 
-__all__ = ["BatchPool", "Producer"]
+__all__ = ["BatchPool", "EXIT_GATE", "ExitGate", "Producer"]
+
+
+class ExitGate:
+    """Refuses new pools once the interpreter has begun to exit.
+
+    Every pool is shut down by its ``weakref.finalize`` at exit; a pool created after those
+    finalizers have run (a daemon thread, such as a dataset's hand-over thread fed by tf.data,
+    asking for a batch while the main thread exits) would never be shut down: its workers
+    orphaned and its shared memory left to the resource tracker's "leaked shared_memory
+    objects" warning.  :meth:`close` runs from an ``atexit`` hook that runs before
+    weakref's (registered after it), and waits for a pool being created meanwhile, whose
+    finalizer is then registered in time.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        """Fresh state; also what a forked child starts from (another thread may hold the lock)."""
+        self._lock = threading.Lock()
+        self.closed = False
+
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        """Hold while creating a pool and registering its finalizer.
+
+        Raises
+        ------
+        RuntimeError
+            If the interpreter is exiting.
+        """
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("the interpreter is exiting: no new BatchPool is started "
+                                   f"(pid {os.getpid()})")
+            yield
+
+    def close(self) -> None:
+        """Refuse new pools from now on (called at interpreter exit)."""
+        with self._lock:
+            self.closed = True
+
+
+EXIT_GATE = ExitGate()
+"""The one gate of this process (see :class:`ExitGate`)."""
+
+# weakref.finalize registers its own exit hook with the first finalizer; make sure that has
+# happened, so the hook below, registered after it, runs before it (atexit runs hooks last in,
+# first out).  The finalizer on the gate itself does nothing.
+weakref.finalize(EXIT_GATE, int)
+atexit.register(EXIT_GATE.close)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=EXIT_GATE._reset)
 
 
 class Producer(Protocol):
-    """What the workers of a :class:`BatchPool` run (picklable for processes)."""
+    """What the workers of a :class:`BatchPool` run (picklable for processes).
+
+    ``setup`` is optional, and so is ``describe(task) -> str``: called in the main process
+    only when a task fails or its worker dies, it says what the task was about (e.g. which
+    samples of which file), for the error message.
+    """
 
     def setup(self) -> None:
         """Prepare once in each worker, e.g. open files lazily."""
@@ -47,10 +109,10 @@ class _Entry:
     """Book-keeping of one submitted task."""
 
     __slots__ = ("key", "ticket", "task", "slot", "state", "n", "data", "error", "worker",
-                 "discarded")
+                 "discarded", "about")
 
-    def __init__(self, key: Hashable, ticket: int, task: Any) -> None:
-        self.key, self.ticket, self.task, self.slot = key, ticket, task, None
+    def __init__(self, key: Hashable, ticket: int, task: Any, about: Any = None) -> None:
+        self.key, self.ticket, self.task, self.slot, self.about = key, ticket, task, None, about
         self.state = "waiting"  # waiting (for a slot) -> queued -> done | failed
         self.n, self.data, self.error, self.worker, self.discarded = 0, None, None, None, False
 
@@ -97,7 +159,8 @@ class BatchPool:
     one thread. A failing ``produce`` raises :class:`~streamseg.errors.WorkerError`
     for that key only; a dead worker raises :class:`~streamseg.errors.WorkerDiedError`
     and closes the pool. Workers and shared memory never outlive :meth:`close`,
-    the ``with`` block, garbage collection or interpreter exit.
+    the ``with`` block, garbage collection or interpreter exit; once the interpreter has
+    begun to exit, a new pool raises ``RuntimeError`` (see :class:`ExitGate`).
     """
 
     def __init__(self, producer: Producer, slots: Mapping[str, tuple[tuple[int, ...], np.dtype]],
@@ -120,14 +183,16 @@ class BatchPool:
         self._tickets: dict[int, _Entry] = {}  # sent to a worker and not reported yet
         self._backlog: deque[_Entry] = deque()
         self._free = list(range(int(num_slots)))[::-1]
-        if use_processes and workers > 0:
-            self._backend: Any = ProcessBackend(producer, fields, stride, int(num_slots),
-                                                 self._rows, int(workers), start_method,
-                                                 self._poll, name, priority)
-        else:
-            self._backend = ThreadBackend(producer, fields, int(num_slots), self._rows,
-                                           int(workers), name)
-        self._finalizer = weakref.finalize(self, self._backend.shutdown)
+        self._describe = getattr(producer, "describe", None)
+        with EXIT_GATE.admit():  # at exit: refused; else the finalizer is in place before exit
+            if use_processes and workers > 0:
+                self._backend: Any = ProcessBackend(producer, fields, stride, int(num_slots),
+                                                     self._rows, int(workers), start_method,
+                                                     self._poll, name, priority)
+            else:
+                self._backend = ThreadBackend(producer, fields, int(num_slots), self._rows,
+                                               int(workers), name)
+            self._finalizer = weakref.finalize(self, self._backend.shutdown)
 
     @property
     def workers(self) -> int:
@@ -160,9 +225,10 @@ class BatchPool:
         self._check_open()
         if key in self._pending:
             raise ValueError(f"key {key!r} is already pending; call result() or discard() first")
+        about = task if self._describe is not None else None  # described only if it fails
         if self._backend.shms:  # pickle now: fail here, not in the feeder thread
             task = pickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL)
-        entry = _Entry(key, self._next_ticket, task)
+        entry = _Entry(key, self._next_ticket, task, about)
         self._next_ticket += 1
         self._pending[key] = entry
         self._backlog.append(entry)
@@ -211,8 +277,8 @@ class BatchPool:
                 original.add_note(f"Raised in a worker while producing key {key!r}. "
                                   f"Worker traceback:\n{trace.rstrip()}")
                 raise original
-            raise WorkerError(f"producing key {key!r} failed in a worker: {kind}: {message}"
-                              f"\n\nWorker traceback:\n{trace.rstrip()}") from original
+            raise WorkerError(f"producing key {key!r}{self._about(entry)} failed in a worker: "
+                              f"{kind}: {message}\n\nWorker traceback:\n{trace.rstrip()}") from original
         if entry.data is not None:
             return entry.data
         self._reclaim()
@@ -258,6 +324,15 @@ class BatchPool:
             raise WorkerDiedError(self._broken)
         if self.closed:
             raise RuntimeError("this BatchPool is closed; create a new one")
+
+    def _about(self, entry: _Entry) -> str:
+        """`` (what the producer says about the task)`` or nothing; never raises."""
+        if self._describe is None or entry.about is None:
+            return ""
+        try:
+            return f" ({self._describe(entry.about)})"
+        except Exception:  # noqa: BLE001 - a description must not hide the real error
+            return ""
 
     def _dispatch(self) -> None:
         """Give free slots to backlogged tasks, oldest first, and send them to the workers."""
@@ -327,9 +402,9 @@ class BatchPool:
             if entry.discarded or kind != "done":
                 self._release(entry)  # failed results need no slot
         if dead is not None:
-            busy = [e.key for e in self._pending.values()
-                    if e.state == "queued" and e.worker == dead[0]]
-            doing = f"while producing key(s) {busy!r}" if busy else "while idle"
+            busy = [e for e in self._pending.values() if e.state == "queued" and e.worker == dead[0]]
+            doing = ("while producing " + "; ".join(f"key {e.key!r}{self._about(e)}" for e in busy)
+                     if busy else "while idle")
             self._broken = (f"{dead[1]} {doing}; pending keys: {list(self._pending)!r}. "
                             f"The pool has been closed; create a new one.")
             self._backend.shutdown(grace=0.0)  # the pool is unusable: do not wait for busy ones

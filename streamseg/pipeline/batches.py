@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import LabelError, OptionError, truncate
+from ..errors import LabelError, OptionError, StreamsegError, WorkerError, truncate
 from ..store.reader import Store
 
 __all__ = ["BatchOptions", "epoch_order", "normalize_into", "sample_rng", "BatchProducer", "SHUFFLE_MODES",
@@ -120,8 +120,61 @@ class BatchProducer:
 
         blosc.use_threads = False
 
+    def describe(self, task: tuple[int, np.ndarray], shown: int = 4) -> str:
+        """Which samples ``task`` reads, their source names and the store, for error messages.
+
+        E.g. ``"samples 8, 9, 10, 11, ... (16 in all; sources 's0008', 's0009', 's0010',
+        's0011', ...) of store /data/s.zarr, epoch 0"``: the first ``shown`` samples only, and
+        no sources where the store has none but the sample numbers (wrapped arrays).
+        """
+        epoch, idx = task
+        idx = np.asarray(idx).ravel()
+        head = [int(i) for i in idx[:shown]]
+        more = ", ..." if idx.size > shown else ""
+        notes = [f"{idx.size} in all"] if more else []
+        try:
+            names = self.store.names
+            sources = [str(names[i]) for i in head] if names else []
+        except (IndexError, OSError, TypeError, ValueError):
+            sources = []
+        if sources and sources != [str(i) for i in head]:
+            notes.append(f"source{'s' if len(sources) > 1 else ''} "
+                         + ", ".join(repr(n) for n in sources) + more)
+        text = f"sample{'s' if idx.size != 1 else ''} {', '.join(map(str, head))}{more}"
+        if notes:
+            text += f" ({'; '.join(notes)})"
+        return f"{text} of store {self._where()}, epoch {epoch}"
+
+    def _where(self) -> str:
+        return str(self.store.path) if self.store.path is not None else "in-memory arrays"
+
     def produce(self, task: tuple[int, np.ndarray], out: dict[str, np.ndarray]) -> int:
-        """Fill ``out['images'][:n]`` and ``out['masks'][:n]`` for ``task = (epoch, indices)``."""
+        """Fill ``out['images'][:n]`` and ``out['masks'][:n]`` for ``task = (epoch, indices)``.
+
+        Raises
+        ------
+        WorkerError
+            Whatever failed, with the original exception's type and message, which samples of
+            which store were being read (:meth:`describe`), and the original as ``__cause__``.
+            streamseg's own errors keep their type; those that do not already name the store
+            get the same description in front of their message.
+        """
+        try:
+            return self._produce(task, out)
+        except StreamsegError as exc:
+            if f"store {self._where()}" in str(exc):
+                raise  # already names the sample and the store (e.g. LabelError)
+            try:
+                again = type(exc)(f"While producing {self.describe(task)}: {exc}")
+            except Exception:  # noqa: BLE001 - a subclass taking other arguments: add a note
+                exc.add_note(f"While producing {self.describe(task)}.")
+                raise
+            raise again from exc
+        except Exception as exc:
+            raise WorkerError(f"Could not produce a batch of {self.describe(task)}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+
+    def _produce(self, task: tuple[int, np.ndarray], out: dict[str, np.ndarray]) -> int:
         epoch, idx = task
         n = len(idx)
         opts = self.options
@@ -151,7 +204,7 @@ class BatchProducer:
         per_sample = masks.reshape(masks.shape[0], -1).max(axis=1)
         j = int(np.nonzero(per_sample >= opts.num_classes)[0][0])
         s = int(idx[j])
-        where = str(self.store.path) if self.store.path is not None else "in-memory arrays"
+        where = self._where()
         try:
             name = f" ('{self.store.names[s]}')"
         except (IndexError, OSError):
