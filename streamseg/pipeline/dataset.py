@@ -9,7 +9,8 @@ a batch.  ``fit``'s ``shuffle`` and ``class_weight`` arguments are therefore ign
 shuffling is the dataset's own, per epoch.
 
 Randomness is a pure function of ``(seed, epoch, sample index)``; the epoch advances in
-:meth:`SegmentationDataset.on_epoch_end`.
+:meth:`SegmentationDataset.on_epoch_end`, and ``fit`` sets it through ``ds.epoch_callback()``
+(see :mod:`.resume`, also for ``state()`` / ``load_state()``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .batches import (
     validate_choice,
 )
 from .adapter import KerasAdapterMixin
+from .resume import ResumeMixin
 from ..errors import LabelError, OptionError, StreamsegError, reject_unknown_keywords, truncate
 from ..parallel.feeder import Feeder
 from ..parallel.workers import check_priority
@@ -99,7 +101,7 @@ def split(store: Store | str | os.PathLike, val_fraction: float = 0.2, seed: int
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-class SegmentationDataset(PyDataset, KerasAdapterMixin, _DataAdapter):  # type: ignore[misc,valid-type]
+class SegmentationDataset(PyDataset, KerasAdapterMixin, ResumeMixin, _DataAdapter):  # type: ignore[misc,valid-type]
     """Batches of ``(images, masks)`` read lazily from a store, augmented per sample.
 
     Parameters
@@ -190,6 +192,7 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, _DataAdapter):  # type: 
         self._init_workers(o)
         self._epoch = 0
         self._epoch_used = False
+        self._next_batch = self._start_at = 0  # position in the epoch; where load_state resumes
         self._orders: dict[int, np.ndarray] = {}
         self._carry: _Carry | None = None
         self._passes = 0  # passes started over __iter__ with workers
@@ -297,16 +300,6 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, _DataAdapter):  # type: 
         """Batches per epoch (Keras PyDataset / DataAdapter protocol)."""
         return len(self)
 
-    @property
-    def epoch(self) -> int:
-        """Current epoch (advanced by :meth:`on_epoch_end`)."""
-        return self._epoch
-
-    @epoch.setter
-    def epoch(self, value: int) -> None:
-        self._epoch = int(value)
-        self._epoch_used = False
-
     def epoch_indices(self, epoch: int | None = None) -> np.ndarray:
         """Sample order of an epoch (all batches, before sharding)."""
         epoch = self._epoch if epoch is None else epoch
@@ -357,22 +350,29 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, _DataAdapter):  # type: 
         return self._fetch(self._epoch, i, range(i + 1, len(self)))
 
     def __iter__(self) -> Any:
-        """One epoch of batches, in order.
+        """One epoch of batches, in order (from the batch :meth:`load_state` resumes at).
 
         With workers, a hand-over thread collects the next batch (copy out of its
         shared-memory slot) while the consumer works on the current one.  After a complete
         pass it also collects the first batch of the next epoch, which the next pass takes
         if it is for that epoch (Keras spends ~20 ms between epochs meanwhile).
         """
+        return self._iterate(whole=False)
+
+    def _iterate(self, whole: bool) -> Any:
+        """A pass over the current epoch; ``whole``: from batch 0 whatever load_state said."""
         epoch, n, closes = self._epoch, len(self), self._closes
+        start = self._pass_start(epoch, whole)
         if self._feeder.inline:
-            for i in range(n):
-                yield self._fetch(epoch, i, range(i + 1, n))
+            for i in range(start, n):
+                batch = self._fetch(epoch, i, range(i + 1, n))
+                self._handed(epoch, i)
+                yield batch
             return
         self._passes += 1
         carry, self._carry = self._carry, None
         first = None
-        if carry is not None and carry.key == (epoch, 0):
+        if carry is not None and carry.key == (epoch, start):
             carry.done.wait()  # the previous pass's thread may still be collecting it
             first = carry.batch
             if first is not None and epoch == self._epoch:
@@ -392,7 +392,7 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, _DataAdapter):  # type: 
             try:
                 if first is not None and not offer(first):
                     return
-                for i in range(0 if first is None else 1, n):
+                for i in range(start if first is None else start + 1, n):
                     if stop.is_set():
                         return  # abandoned: fetch nothing more
                     # after an explicit close() the pass must not bring the workers back behind
@@ -416,12 +416,13 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, _DataAdapter):  # type: 
 
         threading.Thread(target=hand_over, name="streamseg-handover", daemon=True).start()
         try:
-            while True:
+            for i in itertools.count(start):
                 item = handed.get()
                 if item is _END_OF_EPOCH:
                     return
                 if isinstance(item, BaseException):
                     raise item
+                self._handed(epoch, i)
                 yield item
         finally:
             stop.set()  # abandoned or failed: the hand-over thread stops by itself
@@ -451,6 +452,7 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, _DataAdapter):  # type: 
         if self._epoch_used:
             self._epoch += 1
             self._epoch_used = False
+            self._next_batch = self._start_at = 0
         current = self._epoch
         self._feeder.epoch_finished(keep=lambda key: key[0] >= current)
 
