@@ -232,9 +232,48 @@ class SynthSource:
         return image, mask, f"synth[{i}]", f"synth[{i}]"
 
 
-def _to_channels(image: np.ndarray, channels: int | None, where: str) -> np.ndarray:
+_STORED_IMAGE_DTYPES = (np.uint8, np.uint16, np.int16, np.float32)
+_INT16 = np.iinfo(np.int16)
+
+
+def _image_dtype(image: np.ndarray, where: str) -> np.ndarray:
+    """Bring an image to a stored dtype: uint8, uint16, int16 (signed, e.g. CT in HU) or float32.
+
+    Those four are kept as they are.  Other integers become uint8/uint16 when they are
+    non-negative and fit (as before), int16 when they hold negatives within int16; other
+    floats become float32.
+    """
+    if image.dtype in _STORED_IMAGE_DTYPES:
+        return image
+    if image.dtype.kind in "iu" and image.size:
+        lo, hi = int(image.min()), int(image.max())
+        if 0 <= lo and hi <= 65535:
+            return image.astype(np.uint16 if hi > 255 else np.uint8)
+        if _INT16.min <= lo and hi <= _INT16.max:
+            return image.astype(np.int16)
+        raise InputError(f"Image {where} has {image.dtype} values {lo}..{hi}, outside both uint16 and "
+                         "int16; store it as float32 (or rescale it) first.")
+    if image.dtype.kind == "f":
+        return image.astype(np.float32)
+    raise InputError(f"Image {where} has dtype {image.dtype}; expected uint8, uint16, int16 or float.")
+
+
+def _to_channels(image: np.ndarray, channels: int | None, where: str, *,
+                 keep_channels: bool = False) -> np.ndarray:
     import cv2
 
+    if keep_channels:  # channels are planes (volume modalities, context slices), never alpha
+        if image.ndim == 2:
+            image = image[..., None]
+        if image.ndim != 3:
+            raise InputError(f"Image {where} has shape {image.shape}; expected (H, W) or (H, W, C).")
+        have = image.shape[2]
+        if channels is None or channels == have:
+            return image
+        if have == 1:
+            return np.repeat(image, channels, axis=2)
+        raise InputError(f"Image {where} has {have} channels (modalities or context slices), which "
+                         f"--channels {channels} cannot convert; leave --channels unset.")
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[..., 0]
     if image.ndim == 3 and image.shape[2] == 4:  # drop alpha
@@ -248,10 +287,13 @@ def _to_channels(image: np.ndarray, channels: int | None, where: str) -> np.ndar
         return image[..., None] if have == 1 else image
     if channels == 3:
         return np.repeat(image[..., None], 3, axis=2)
+    if image.dtype == np.int16:  # cvtColor has no 16-bit signed path: weights in float, rounded back
+        grey = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        return np.clip(np.rint(grey), _INT16.min, _INT16.max).astype(np.int16)[..., None]
     return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)[..., None]
 
 
-def _to_mask(mask: np.ndarray, where: str) -> np.ndarray:
+def _to_mask(mask: np.ndarray, where: str, mask_dtype: str = "uint8") -> np.ndarray:
     if mask.ndim == 3 and mask.shape[2] in (3, 4):
         colour = mask[..., :3]
         if not (np.array_equal(colour[..., 0], colour[..., 1]) and np.array_equal(colour[..., 0], colour[..., 2])):
@@ -267,34 +309,42 @@ def _to_mask(mask: np.ndarray, where: str) -> np.ndarray:
                          "integer labels: round or threshold them first.")
     if mask.dtype.kind == "b":
         mask = mask.astype(np.uint8)
-    if mask.dtype != np.uint8:
-        if mask.size and (mask.min() < 0 or mask.max() > 255):
-            raise LabelError(f"Mask {where} has label values outside 0..255 (min {int(mask.min())}, "
-                             f"max {int(mask.max())}); streamseg stores at most 256 labels as uint8.")
-        mask = mask.astype(np.uint8)
+    target = np.dtype(mask_dtype)
+    if mask.dtype != target:
+        top = int(np.iinfo(target).max)
+        if mask.size and (mask.min() < 0 or mask.max() > top):
+            raise LabelError(f"Mask {where} has label values outside 0..{top} (min {int(mask.min())}, "
+                             f"max {int(mask.max())}); streamseg stores at most {top + 1} labels as "
+                             f"{target} (volume sources: --remap-labels maps them to 0..K-1).")
+        mask = mask.astype(target)
     return mask
 
 
 def prepare_pair(image: np.ndarray, mask: np.ndarray, image_where: str, mask_where: str, *,
                  size: tuple[int, int] | None, channels: int | None,
-                 image_dtype: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 image_dtype: str | None = None, keep_channels: bool = False,
+                 mask_dtype: str = "uint8") -> tuple[np.ndarray, np.ndarray]:
     """Check one raw pair and bring it to the stored layout.
 
-    Images: channel conversion, resize with area interpolation when shrinking and linear
-    when enlarging, optional 16-to-8-bit conversion.  Masks: integer labels in 0..255,
-    resized with nearest neighbour only, so no new label values appear.
+    Images: stored as uint8, uint16, int16 (signed, e.g. CT in Hounsfield units) or float32
+    (see :func:`_image_dtype`); channel conversion; resize with area interpolation when
+    shrinking and linear when enlarging (OpenCV resizes int16 and float32 natively, int16
+    rounded); optional 16-to-8-bit conversion of uint16.  Masks: integer labels in the range of
+    ``mask_dtype`` (``"uint8"``: 0..255, ``"uint16"``: 0..65535), resized with nearest
+    neighbour only, so no new label values appear.
+
+    ``keep_channels=True`` (volume sources, whose channels are modalities or 2.5D context
+    slices) keeps any number of channels as they are: no alpha or grey+alpha dropping, and
+    ``channels`` may only repeat a single channel.
     """
     import cv2
 
-    if image.dtype not in (np.uint8, np.uint16, np.float32):
-        if image.dtype.kind in "iu" and image.size and 0 <= image.min() and image.max() <= 65535:
-            image = image.astype(np.uint16 if image.max() > 255 else np.uint8)
-        elif image.dtype.kind == "f":
-            image = image.astype(np.float32)
-        else:
-            raise InputError(f"Image {image_where} has dtype {image.dtype}; expected uint8, uint16 or float.")
-    image = _to_channels(image, channels, image_where)
-    mask = _to_mask(mask, mask_where)
+    image = _image_dtype(image, image_where)
+    if image_dtype == "uint8" and image.dtype in (np.int16,):
+        raise InputError(f"Image {image_where} is int16 (signed, e.g. Hounsfield units); --image-dtype "
+                         "uint8 converts uint16 images only. Window/rescale signed images first or keep int16.")
+    image = _to_channels(image, channels, image_where, keep_channels=keep_channels)
+    mask = _to_mask(mask, mask_where, mask_dtype)
     if size is None and image.shape[:2] != mask.shape[:2]:
         raise SourceMismatchError(
             f"Image {image_where} is {image.shape[1]}x{image.shape[0]} but its mask {mask_where} is "
@@ -305,9 +355,9 @@ def prepare_pair(image: np.ndarray, mask: np.ndarray, image_where: str, mask_whe
         if image.shape[:2] != (h, w):
             shrink = h <= image.shape[0] and w <= image.shape[1]
             interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-            image = cv2.resize(image, (w, h), interpolation=interp).reshape(h, w, -1)
+            image = cv2.resize(np.ascontiguousarray(image), (w, h), interpolation=interp).reshape(h, w, -1)
         if mask.shape != (h, w):
-            mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+            mask = cv2.resize(np.ascontiguousarray(mask), (w, h), interpolation=cv2.INTER_NEAREST)
     if image_dtype == "uint8" and image.dtype == np.uint16:
         image = ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)
     return np.ascontiguousarray(image), mask[..., None]
