@@ -11,6 +11,8 @@ from typing import Any
 
 from .errors import (
     CorruptChunkError,
+    CorruptStoreError,
+    DestinationError,
     IncompleteStoreError,
     InputError,
     LabelError,
@@ -30,6 +32,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Augment",
     "CorruptChunkError",
+    "CorruptStoreError",
+    "DestinationError",
     "IncompleteStoreError",
     "InputError",
     "LabelError",

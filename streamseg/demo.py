@@ -1,4 +1,9 @@
-"""``streamseg demo``: synthesise scans, convert, train a small U-Net, save a preview."""
+"""``streamseg demo``: synthesise scans, convert, train a small U-Net, save a preview.
+
+``streamseg demo --volumes`` does the same with CT-like NIfTI volumes: converted to axial
+slices with one neighbouring slice on each side (2.5D), split by case, normalised with
+nnU-Net's CT scheme (``normalize="ct"``), and previewed as ground truth next to prediction.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +16,13 @@ import numpy as np
 
 from .store.converter import convert
 from .store.inspect import format_info, store_info
+from .store.volume_info import volume_lines, volume_summary
 from .bench.memory import MemorySampler
 from .io.synth import write_synth_folder
+from .io.synth_volumes import write_synth_volumes
 from .native_stderr import load_tensorflow_quietly
 
-__all__ = ["run_demo", "preview_grid"]
+__all__ = ["run_demo", "run_volume_demo", "preview_grid"]
 
 _COLOURS = np.array([[0, 0, 0], [40, 90, 255], [40, 230, 40], [255, 40, 200], [255, 200, 0],
                      [200, 0, 255], [0, 220, 220], [255, 128, 0]], np.float32)
@@ -62,11 +69,15 @@ def _mib(nbytes: float) -> str:
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Run the end-to-end demo described in the README; returns the measured figures."""
+    if getattr(args, "volumes", False):
+        return run_volume_demo(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files, store_path = out / "scans", out / "scans.zarr"
-    print(f"[1/4] synthesising {args.count} scans ({args.size}x{args.size}) into {files}")
-    write_synth_folder(files, args.count, size=(args.size, args.size), classes=3, seed=0, progress=None)
+    count = 300 if args.count is None else args.count
+    side = 128 if args.size is None else args.size
+    print(f"[1/4] synthesising {count} scans ({side}x{side}) into {files}")
+    write_synth_folder(files, count, size=(side, side), classes=3, seed=0, progress=None)
     print(f"[2/4] converting to the zarr store {store_path}")
     convert(files, store_path, format="zarr", workers=min(2, args.workers or 1), overwrite=True)
     print(format_info(store_info(store_path)))
@@ -84,7 +95,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     train = SegmentationDataset(store_path, args.batch_size, indices=train_idx, augment=augment,
                                 workers=args.workers, use_multiprocessing=args.workers > 0)
     val = SegmentationDataset(store_path, args.batch_size, indices=val_idx, shuffle=False)
-    model = small_unet((args.size, args.size, 3), train.num_classes)
+    model = small_unet((side, side, 3), train.num_classes)
     with train, val, MemorySampler() as sampler:
         t0 = time.perf_counter()
         history = model.fit(train, validation_data=val, epochs=args.epochs, verbose=2)
@@ -104,3 +115,88 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     print(f"preview: {path} (left: augmented image, right: the same with its augmented mask)")
     return {"samples_per_s": samples / elapsed, "elapsed_s": elapsed, "memory": peak,
             "loss": history.history["loss"][-1]}
+
+
+#: Volume demo: voxels per synthetic volume (X, Y; Z below), its voxel size, 2.5D context.
+_VOLUME_SIDE, _VOLUME_SLICES, _VOLUME_SPACING, _CONTEXT = 96, 48, (1.0, 1.0, 2.5), 1
+_HU_WINDOW = (-160.0, 240.0)  # abdominal soft-tissue window, for the preview only
+
+
+def _case_split(store: Any, val_fraction: float = 0.25, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Train / validation slice indices with whole cases on one side (slices of a case look alike)."""
+    counts = [int(c["selected"]) for c in store.meta["params"]["source"]["cases"]]
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    order = np.random.default_rng([seed, 0xCA5E]).permutation(len(counts))
+    n_val = min(len(counts) - 1, max(1, round(len(counts) * val_fraction)))
+    pick = [np.arange(starts[c], starts[c + 1]) for c in order[:n_val]]
+    val = np.sort(np.concatenate(pick)) if pick else np.zeros(0, np.int64)
+    train = np.setdiff1d(np.arange(len(store)), val)
+    return train, val
+
+
+def run_volume_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """``streamseg demo --volumes``: CT-like volumes -> axial 2.5D slices -> U-Net -> preview."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files, store_path = out / "volumes", out / "volumes.zarr"
+    count = 8 if args.count is None else args.count
+    side = _VOLUME_SIDE if args.size is None else args.size
+    shape = (side, side, _VOLUME_SLICES)
+    print(f"[1/4] synthesising {count} CT-like volumes ({'x'.join(map(str, shape))} voxels of "
+          f"{'x'.join(f'{v:g}' for v in _VOLUME_SPACING)} mm, HU) into {files}")
+    write_synth_volumes(files, count, shape=shape, spacing=_VOLUME_SPACING, classes=3, seed=0, progress=None)
+    print(f"[2/4] converting axial slices (context {_CONTEXT}: {2 * _CONTEXT + 1} slices per sample) "
+          f"to the zarr store {store_path}")
+    size = None if side % 4 == 0 else (side // 4 * 4,) * 2  # the U-Net halves the side twice
+    store = convert(files, store_path, format="zarr", axis="axial", context=_CONTEXT, size=size,
+                    workers=min(2, args.workers or 1), overwrite=True)
+    print(format_info(store_info(store_path)))
+    print("\n".join(volume_lines(volume_summary(store.meta) or {})))
+    if args.no_train:
+        return {}
+    print(f"[3/4] training a small U-Net on the slices for {args.epochs} epochs, workers={args.workers}, "
+          "normalize='ct', cases split between training and validation")
+    print(load_tensorflow_quietly())  # before Keras loads: TensorFlow's C++ start-up lines hidden
+    from .pipeline.augment import Augment
+    from .pipeline.dataset import SegmentationDataset
+    from .models import small_unet
+
+    train_idx, val_idx = _case_split(store)
+    augment = Augment.preset("standard")  # after normalisation: brightness 0.1 = 0.1 foreground std
+    train = SegmentationDataset(store_path, args.batch_size, indices=train_idx, augment=augment,
+                                normalize="ct", workers=args.workers, use_multiprocessing=args.workers > 0)
+    val = SegmentationDataset(store_path, args.batch_size, indices=val_idx, shuffle=False, normalize="ct")
+    h, w, c = store.image_shape
+    model = small_unet((h, w, c), train.num_classes)
+    with train, val:
+        t0 = time.perf_counter()
+        history = model.fit(train, validation_data=val, epochs=args.epochs, verbose=2)
+        elapsed = time.perf_counter() - t0
+    samples = len(train_idx) * args.epochs
+    print(f"trained on {samples} slices in {elapsed:.1f}s: {samples / elapsed:.1f} slices/s "
+          f"(model compute included); final loss {history.history['loss'][-1]:.4f}")
+    print("[4/4] saving a preview of validation slices: ground truth (left) and prediction (right)")
+    path = _volume_preview(store, val_idx, model, out / "preview.png")
+    print(f"preview: {path} (CT window {_HU_WINDOW[0]:g}..{_HU_WINDOW[1]:g} HU)")
+    return {"slices_per_s": samples / elapsed, "elapsed_s": elapsed, "loss": history.history["loss"][-1]}
+
+
+def _volume_preview(store: Any, val_idx: np.ndarray, model: Any, path: Path, *, rows: int = 4) -> Path:
+    """Windowed centre slices of validation samples with foreground: truth | prediction overlays."""
+    from .pipeline.dataset import SegmentationDataset
+
+    _, masks = store.read(val_idx)
+    has_fg = masks.reshape(len(val_idx), -1).max(axis=1) > 0
+    candidates = val_idx[has_fg] if has_fg.any() else val_idx
+    pick = candidates[np.linspace(0, len(candidates) - 1, min(rows, len(candidates))).astype(np.int64)]
+    pick = np.unique(pick)
+    ds = SegmentationDataset(store, len(pick), indices=pick, shuffle=False, normalize="ct")
+    x, truth = ds[0]
+    pred = np.argmax(model.predict(x, verbose=0), axis=-1)[..., None]
+    raw, _ = store.read(pick)
+    centre = raw.shape[-1] // 2  # channels are slices s-K .. s+K: the middle one is slice s
+    lo, hi = _HU_WINDOW
+    shown = np.clip((raw[..., centre:centre + 1].astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
+    images = np.repeat(shown, 2, axis=0)
+    labels = np.stack([m for pair in zip(truth.astype(np.int32), pred.astype(np.int32)) for m in pair])
+    return preview_grid(images, labels, path, columns=2)

@@ -19,6 +19,8 @@ __all__ = [
     "StoreNotFoundError",
     "IncompleteStoreError",
     "StoreExistsError",
+    "DestinationError",
+    "CorruptStoreError",
     "CorruptChunkError",
     "InputError",
     "SourceMismatchError",
@@ -54,7 +56,15 @@ class StoreExistsError(StreamsegError, FileExistsError):
     """The destination exists and neither overwrite nor resume was asked for."""
 
 
-class CorruptChunkError(StreamsegError, OSError):
+class DestinationError(StreamsegError, OSError):
+    """The destination cannot be created or written (permissions, read-only file system, disk full)."""
+
+
+class CorruptStoreError(StreamsegError, OSError):
+    """Files of a finished store are missing, or disagree with its manifest (changed after conversion)."""
+
+
+class CorruptChunkError(CorruptStoreError):
     """A chunk could not be read or decoded, or its checksum does not match."""
 
 

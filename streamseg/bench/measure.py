@@ -444,14 +444,16 @@ def format_result(r: dict[str, Any]) -> str:
 
 def _measure_store(args: argparse.Namespace, device: str | None = None) -> dict[str, Any]:
     from ..pipeline.dataset import SegmentationDataset
+    from ..pipeline.intensity import default_normalize
     from ..store.inspect import store_info
     from ..store.reader import open_store
 
     store = open_store(args.store)
     info = store_info(args.store)
     augment = None if args.augment == "none" else args.augment
+    normalize = default_normalize(store)  # "unit" for uint8/uint16; int16/float32: "ct" or "standardize"
     ds = SegmentationDataset(store, args.batch_size, augment=augment, shuffle=args.shuffle, workers=args.workers,
-                             use_multiprocessing=not args.threads and args.workers > 0,
+                             normalize=normalize, use_multiprocessing=not args.threads and args.workers > 0,
                              drop_remainder=len(store) >= args.batch_size, worker_priority=_priority(args))
     if device:  # once the options are known to be valid
         print(device, file=sys.stderr)

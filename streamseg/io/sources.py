@@ -355,7 +355,10 @@ def prepare_pair(image: np.ndarray, mask: np.ndarray, image_where: str, mask_whe
         if image.shape[:2] != (h, w):
             shrink = h <= image.shape[0] and w <= image.shape[1]
             interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-            image = cv2.resize(np.ascontiguousarray(image), (w, h), interpolation=interp).reshape(h, w, -1)
+            # OpenCV's area resize takes at most 4 channels (2.5D context slices have more)
+            parts = [cv2.resize(np.ascontiguousarray(image[..., a:a + 4]), (w, h), interpolation=interp)
+                     .reshape(h, w, -1) for a in range(0, image.shape[2], 4)]
+            image = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2)
         if mask.shape != (h, w):
             mask = cv2.resize(np.ascontiguousarray(mask), (w, h), interpolation=cv2.INTER_NEAREST)
     if image_dtype == "uint8" and image.dtype == np.uint16:

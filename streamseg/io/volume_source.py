@@ -42,7 +42,8 @@ import numpy as np
 from ..errors import InputError, LabelError, OptionError, SourceMismatchError, UnreadableFileError, truncate
 from ..progress import Progress
 from ._volume import Volume
-from ._volume_stats import intensity_record, label_counts, labels_of, stored_image_dtype
+from ._volume_stats import FOREGROUND_SAMPLES, ForegroundPool, intensity_record, label_counts, labels_of, \
+    stored_image_dtype
 from .volumes import AFFINE_TOLERANCE_MM, VOLUME_SUFFIXES, group_cases, read_case, read_volume, volume_suffix
 
 __all__ = ["VolumeSliceSource", "find_volume_cases", "read_pair", "VolumeCase", "AXES", "slice_plane"]
@@ -206,7 +207,7 @@ def read_pair(case: VolumeCase) -> tuple[Volume, np.ndarray]:
 
 
 def _check_options(axis: Any, context: Any, keep_empty: Any, skip_empty: Any, seed: Any,
-                   mask_dtype: Any) -> None:
+                   mask_dtype: Any, foreground_samples: Any = FOREGROUND_SAMPLES) -> None:
     if axis not in AXES:
         raise OptionError(f"axis must be one of {', '.join(AXES)}. Received: {truncate(axis)}")
     if isinstance(context, bool) or not isinstance(context, (int, np.integer)) or context < 0:
@@ -221,6 +222,10 @@ def _check_options(axis: Any, context: Any, keep_empty: Any, skip_empty: Any, se
                           f"kept); pass --skip-empty too. Received: keep_empty={keep_empty!r}")
     if mask_dtype not in ("uint8", "uint16"):
         raise OptionError(f"mask_dtype must be 'uint8' or 'uint16'. Received: {truncate(mask_dtype)}")
+    if isinstance(foreground_samples, bool) or not isinstance(foreground_samples, (int, np.integer)) \
+            or not 0 <= foreground_samples <= 10_000_000:
+        raise OptionError("foreground_samples must be an integer in [0, 10000000] (voxels drawn per case). "
+                          f"Received: {truncate(foreground_samples)}")
 
 
 class VolumeSliceSource:
@@ -251,6 +256,11 @@ class VolumeSliceSource:
         Needed for labels above the store's mask range (atlases with ids up to 1600+).
     mask_dtype : {"uint8", "uint16"}
         The store's mask dtype; labels above its range are refused unless remapped.
+    foreground_samples : int
+        Foreground voxels drawn per case (uniformly, with replacement, seeded by ``seed`` and
+        the case index) into the pooled sample whose 0.5/99.5 percentiles, mean and std
+        ``describe()["foreground_intensity"]`` records, as nnU-Net's fingerprint does; the
+        dataset's ``normalize="ct"`` uses them.  Memory: 8 bytes per voxel and channel.
     progress : {"auto", "bar", "plain", "quiet"} or bool
         Progress of the checking pass over the cases.
 
@@ -266,8 +276,10 @@ class VolumeSliceSource:
     def __init__(self, src: str | os.PathLike | None = None, *, images_dir: str | os.PathLike | None = None,
                  masks_dir: str | os.PathLike | None = None, mask_suffix: str = "", axis: str = "axial",
                  context: int = 0, skip_empty: bool = False, keep_empty: float = 0.0, seed: int = 0,
-                 remap_labels: bool = False, mask_dtype: str = "uint8", progress: Any = "auto") -> None:
-        _check_options(axis, context, keep_empty, skip_empty, seed, mask_dtype)
+                 remap_labels: bool = False, mask_dtype: str = "uint8",
+                 foreground_samples: int = FOREGROUND_SAMPLES, progress: Any = "auto") -> None:
+        _check_options(axis, context, keep_empty, skip_empty, seed, mask_dtype, foreground_samples)
+        self.foreground_samples = int(foreground_samples)
         self.images_dir, self.masks_dir, self.cases = find_volume_cases(
             src, images_dir=images_dir, masks_dir=masks_dir, mask_suffix=mask_suffix)
         self.axis, self.axis_index, self.context = axis, AXES[axis], int(context)
@@ -282,11 +294,12 @@ class VolumeSliceSource:
         """Read every case once: check it, record statistics, select its slices."""
         records, selected, dtypes, labels = [], [], [], set()
         lo, hi = np.inf, -np.inf
+        pool = ForegroundPool(self.seed, self.foreground_samples)
         bar = Progress(len(self.cases), "check volumes", mode=progress, unit="cases")
         try:
             for ci, case in enumerate(self.cases):
                 image, mask = read_pair(case)
-                rec, keep = self._case_record(ci, case, image, mask)
+                rec, keep = self._case_record(ci, case, image, mask, pool)
                 records.append(rec)
                 selected.append(keep)
                 dtypes.append(image.array.dtype)
@@ -299,6 +312,7 @@ class VolumeSliceSource:
         finally:
             bar.close()
         self.records = records
+        self.foreground_intensity = pool.statistics()
         self.selected = selected
         self.offsets = np.concatenate([[0], np.cumsum([len(s) for s in selected])]).astype(np.int64)
         self.image_dtype = str(stored_image_dtype(dtypes, lo, hi, str(self.images_dir)))
@@ -316,8 +330,8 @@ class VolumeSliceSource:
                              f"(remap_labels=True) to map the {len(labels | {0})} distinct labels to "
                              f"0..K-1 (the table goes into the manifest).")
 
-    def _case_record(self, ci: int, case: VolumeCase, image: Volume, mask: np.ndarray
-                     ) -> tuple[dict[str, Any], np.ndarray]:
+    def _case_record(self, ci: int, case: VolumeCase, image: Volume, mask: np.ndarray,
+                     pool: ForegroundPool | None = None) -> tuple[dict[str, Any], np.ndarray]:
         ax = self.axis_index
         fg = mask > 0
         other = tuple(a for a in range(3) if a != ax)
@@ -343,7 +357,7 @@ class VolumeSliceSource:
             "slices": n,
             "foreground_slices": int(has_fg.sum()),
             "selected": int(keep.size),
-            "intensity": intensity_record(image.array, fg),
+            "intensity": intensity_record(image.array, fg, pool),
             "labels": {str(k): v for k, v in sorted(label_counts(mask).items())},
         }
         return rec, keep
@@ -381,13 +395,19 @@ class VolumeSliceSource:
         return [dict(r) for r in self.records]
 
     def describe(self) -> dict[str, Any]:
-        """JSON-serialisable parameters and per-case records, for the manifest's ``params``."""
+        """JSON-serialisable parameters and per-case records, for the manifest's ``params``.
+
+        ``cases``: :meth:`case_records` (with per-channel ``intensity`` statistics, overall
+        and in the foreground, and ``selected``, the case's sample count in store order);
+        ``foreground_intensity``: per-channel ``p0_5``, ``p99_5``, ``mean`` and ``std`` of the
+        pooled foreground sample (see ``foreground_samples``) and ``voxels_sampled``.
+        """
         return {"kind": "volumes", "images_dir": str(self.images_dir), "masks_dir": str(self.masks_dir),
                 "count": len(self), "axis": self.axis, "context": self.context,
                 "slice_orientation": _ORIENTATION[self.axis], "skip_empty": self.skip_empty,
                 "keep_empty": self.keep_empty, "seed": self.seed, "remap_labels": self.remap_labels,
                 "label_table": self.label_table, "image_dtype": self.image_dtype,
-                "cases": self.case_records()}
+                "foreground_intensity": dict(self.foreground_intensity), "cases": self.case_records()}
 
     def _case(self, ci: int) -> tuple[np.ndarray, np.ndarray]:
         if self._cache is None or self._cache[0] != ci:

@@ -160,11 +160,15 @@ class Augment:
 
     Notes
     -----
-    Inputs: image ``(H, W)`` or ``(H, W, C)`` of uint8, uint16 or float; mask
-    ``(H, W)`` or ``(H, W, 1)`` of an integer (or bool) dtype. Outputs: float32
-    image of the input's shape and scale, and a mask of the input's shape and
-    dtype whose labels are a subset of the input labels and ``fill_label``.
-    Photometric results are clipped to ``[0, value_range]`` for integer images.
+    Inputs: image ``(H, W)`` or ``(H, W, C)`` of uint8, uint16, int16 (signed,
+    e.g. CT in Hounsfield units) or float; mask ``(H, W)`` or ``(H, W, 1)`` of an
+    integer (or bool) dtype. Outputs: float32 image of the input's shape and
+    scale, and a mask of the input's shape and dtype whose labels are a subset of
+    the input labels and ``fill_label``. Photometric results are clipped to
+    ``[0, value_range]`` for unsigned images; int16 and float images are not
+    clipped, and their ``value_range`` defaults to 1 (pass the units a brightness
+    of 1.0 means, or augment normalised values as ``SegmentationDataset`` does
+    for such stores). int16 images are warped in float32 (exact interpolation).
     Pure flips / 90-degree turns reproduce ``np.flip`` / ``np.rot90`` exactly.
     Integer images are warped in their own dtype (interpolated values rounded to
     integers; less memory traffic) unless ``fill_value`` does not fit it.
@@ -347,7 +351,7 @@ class Augment:
             src = np.ascontiguousarray(image) if native else image.astype(np.float32)
             img, mask = self._warp(src, mask, params["matrix"], params["elastic"])
             img = img.astype(np.float32, copy=False)
-        return self._photo(img, params, vr, image.dtype.kind in "ui"), mask
+        return self._photo(img, params, vr, image.dtype.kind == "u"), mask
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *,
                  value_range: float | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -464,8 +468,8 @@ def _value_range(dtype: np.dtype, value_range: float | None) -> float:
 def _check_pair(image: np.ndarray, mask: np.ndarray) -> None:
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] < 1) or 0 in image.shape[:2]:
         raise InputError(f"Expected an image of shape (H, W) or (H, W, C). Received: shape {truncate(image.shape)}")
-    if image.dtype not in (np.uint8, np.uint16) and image.dtype.kind != "f":
-        raise InputError(f"Expected a uint8, uint16 or float image. Received: dtype {image.dtype}")
+    if image.dtype not in (np.uint8, np.uint16, np.int16) and image.dtype.kind != "f":
+        raise InputError(f"Expected a uint8, uint16, int16 or float image. Received: dtype {image.dtype}")
     if mask.ndim not in (2, 3) or (mask.ndim == 3 and mask.shape[2] != 1):
         raise InputError(f"Expected a mask of shape (H, W) or (H, W, 1). Received: shape {truncate(mask.shape)}")
     if mask.dtype.kind not in "uib":

@@ -17,12 +17,12 @@ import numpy as np
 from ..errors import LabelError, OptionError, StreamsegError, WorkerError, truncate
 from ..store.reader import Store
 
-__all__ = ["BatchOptions", "epoch_order", "normalize_into", "sample_rng", "BatchProducer", "SHUFFLE_MODES",
-           "MASK_MODES", "NORMALIZE_MODES"]
+__all__ = ["BatchOptions", "epoch_order", "normalize_into", "clip_into", "sample_rng", "BatchProducer",
+           "SHUFFLE_MODES", "MASK_MODES", "NORMALIZE_MODES"]
 
 SHUFFLE_MODES = ("window", "uniform", "none")
 MASK_MODES = ("sparse", "onehot", "binary")
-NORMALIZE_MODES = ("unit", "standardize", None)
+NORMALIZE_MODES = ("unit", "standardize", "window", "zscore", "ct", None)
 _ORDER_SALT = 0x5EED_0001
 
 
@@ -76,6 +76,22 @@ def normalize_into(src: np.ndarray, dst: np.ndarray, offset: np.ndarray, scale: 
             op(rows, np.tile(vec.astype(np.float32), rows.shape[1] // c), out=rows)
 
 
+def clip_into(dst: np.ndarray, low: np.ndarray, high: np.ndarray) -> None:
+    """Clip C-contiguous channels-last float32 ``dst`` in place to per-channel ``[low, high]``.
+
+    Like :func:`normalize_into`: scalars when every channel agrees, else bounds tiled along a
+    whole image row.
+    """
+    c = dst.shape[-1]
+    rows = dst.reshape(-1, dst.shape[-2] * c) if dst.ndim >= 2 else dst.reshape(1, -1)
+    low, high = np.asarray(low, np.float32).reshape(-1), np.asarray(high, np.float32).reshape(-1)
+    if np.all(low == low[0]) and np.all(high == high[0]):
+        np.clip(rows, low[0], high[0], out=rows)
+    else:
+        reps = rows.shape[1] // c
+        np.clip(rows, np.tile(low, reps), np.tile(high, reps), out=rows)
+
+
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """Generator for the random transform of one sample in one epoch."""
     return np.random.default_rng([seed, epoch, int(index)])
@@ -93,6 +109,13 @@ class BatchOptions:
     image_offset: np.ndarray = field(default_factory=lambda: np.zeros(1, np.float32))
     image_scale: np.ndarray = field(default_factory=lambda: np.ones(1, np.float32))
     value_range: float = 255.0
+    # intensity modes (see .intensity): y = clip_out((clip_in(x) - offset) * scale)
+    clip_in: np.ndarray | None = None          # (2, C) bounds on stored values, or None
+    clip_out: tuple[float, float] | None = None  # bounds on normalised values, or None
+    sample_group: np.ndarray | None = None     # store index -> row of group_offset/scale
+    group_offset: np.ndarray | None = None     # (G, C), replaces image_offset per sample
+    group_scale: np.ndarray | None = None      # (G, C)
+    normalize_first: bool = False              # normalise, then augment normalised values
 
     def mask_spec(self, batch: int, h: int, w: int) -> tuple[tuple[int, ...], np.dtype]:
         if self.mask_mode == "onehot":
@@ -183,8 +206,17 @@ class BatchProducer:
         images, masks = out["images"], out["masks"]
         aug = opts.augment
         if aug is None:
-            normalize_into(raw_images, images[:n], opts.image_offset, opts.image_scale)
+            self._normalize(raw_images, images[:n], idx)
             label_src = raw_masks
+        elif opts.normalize_first:
+            label_src = np.empty_like(raw_masks)
+            for j in range(n):
+                self._normalize(raw_images[j:j + 1], images[j:j + 1], idx[j:j + 1])
+                img, msk = aug(images[j], raw_masks[j], sample_rng(opts.seed, epoch, idx[j]), value_range=1.0)
+                if opts.clip_out is not None:
+                    np.clip(img, *opts.clip_out, out=img)
+                images[j] = img
+                label_src[j] = msk
         else:
             label_src = np.empty_like(raw_masks)
             for j in range(n):
@@ -194,6 +226,24 @@ class BatchProducer:
                 label_src[j] = msk
         self._encode_masks(label_src, masks[:n])
         return n
+
+    def _normalize(self, src: np.ndarray, dst: np.ndarray, idx: np.ndarray) -> None:
+        """``dst = clip_out((clip_in(src) - offset) * scale)``, offsets per sample or per store."""
+        opts = self.options
+        if opts.clip_in is None and opts.clip_out is None and opts.sample_group is None:
+            normalize_into(src, dst, opts.image_offset, opts.image_scale)
+            return
+        np.copyto(dst, src, casting="unsafe")
+        if opts.clip_in is not None:
+            clip_into(dst, opts.clip_in[0], opts.clip_in[1])
+        if opts.sample_group is None:
+            normalize_into(dst, dst, opts.image_offset, opts.image_scale)
+        else:
+            assert opts.group_offset is not None and opts.group_scale is not None
+            for j, g in enumerate(opts.sample_group[np.asarray(idx)]):
+                normalize_into(dst[j], dst[j], opts.group_offset[g], opts.group_scale[g])
+        if opts.clip_out is not None:
+            np.clip(dst, *opts.clip_out, out=dst)
 
     def _check_labels(self, idx: np.ndarray, masks: np.ndarray) -> None:
         opts = self.options

@@ -31,7 +31,6 @@ import numpy as np
 from .augment import Augment
 from .batches import (
     MASK_MODES,
-    NORMALIZE_MODES,
     SHUFFLE_MODES,
     BatchOptions,
     BatchProducer,
@@ -39,6 +38,7 @@ from .batches import (
     validate_choice,
 )
 from .adapter import KerasAdapterMixin
+from .intensity import intensity_options
 from .resume import ResumeMixin
 from ..errors import LabelError, OptionError, StreamsegError, reject_unknown_keywords, truncate
 from ..parallel.feeder import Feeder
@@ -70,7 +70,7 @@ class _Carry:
         self.batch: tuple[np.ndarray, np.ndarray] | None = None
         self.done = threading.Event()
 
-_OPTIONS = ("indices", "shuffle", "seed", "augment", "mask_mode", "num_classes", "normalize",
+_OPTIONS = ("indices", "shuffle", "seed", "augment", "mask_mode", "num_classes", "normalize", "window",
             "drop_remainder", "shard", "window_chunks", "workers", "use_multiprocessing",
             "max_queue_size", "start_method", "keep_alive", "worker_priority")
 
@@ -127,9 +127,23 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, ResumeMixin, _DataAdapte
     num_classes : int, optional
         Number of classes K (default: largest label in the manifest + 1).  Labels >= K
         raise :class:`LabelError` naming the sample.
-    normalize : {"unit", "standardize", None}
-        ``"unit"`` scales by the dtype range (255 or 65535); ``"standardize"`` uses the
-        store's per-channel mean/std; None keeps stored values (as float32).
+    normalize : {"unit", "standardize", "window", "zscore", "ct", None}
+        ``"unit"`` scales by the dtype range (255 or 65535; refused for int16 / float32
+        images, which have none); ``"standardize"`` uses the store's per-channel mean/std;
+        ``"window"``: ``clip((x - lo) / (hi - lo), 0, 1)`` with ``window=(lo, hi)`` (CT soft
+        tissue: ``(-175, 250)`` HU); ``"zscore"``: per case, ``(x - mean) / std`` with the
+        case's own statistics; ``"ct"``: nnU-Net's CT scheme, clip to the data set's
+        foreground 0.5/99.5 percentiles, then ``(x - mean) / std`` with its foreground
+        mean/std.  "zscore" and "ct" need a store converted from volumes (the statistics are
+        in the manifest's ``params.source``).  None keeps stored values (as float32).
+        int16 / float32 stores, and the modes "window", "zscore" and "ct", are normalised
+        *before* augmentation: photometric ops then act on normalised values (brightness
+        0.1 = a tenth of the window, or 0.1 std; with None: stored units), ``fill_value`` is a
+        normalised value, and "window" output is clipped to [0, 1] again (see
+        :mod:`streamseg.pipeline.intensity`).
+    window : (float, float), optional
+        ``(lo, hi)`` of ``normalize="window"``, ``lo < hi``, in stored units; required there
+        and refused with any other mode.
     drop_remainder : bool
         Drop the last partial batch.
     shard : (index, count), optional
@@ -154,6 +168,9 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, ResumeMixin, _DataAdapte
         loop never waits for a core they hold.  With as many workers as cores, "idle" keeps the
         input stall near zero (benchmarks/RESULTS.md); on a machine other jobs keep busy it
         starves the workers.
+    verify_reads : bool, optional
+        Check reads against the store's checksums (see :func:`streamseg.open_store`);
+        default: the store's own setting (on for a path).
     """
 
     @reject_unknown_keywords
@@ -169,6 +186,7 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, ResumeMixin, _DataAdapte
         mask_mode: str = "sparse",
         num_classes: int | None = None,
         normalize: str | None = "unit",
+        window: tuple[float, float] | None = None,
         drop_remainder: bool = False,
         shard: tuple[int, int] | None = None,
         window_chunks: int | None = None,
@@ -178,12 +196,13 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, ResumeMixin, _DataAdapte
         start_method: str | None = None,
         keep_alive: float = 5.0,
         worker_priority: str = "normal",
+        verify_reads: bool | None = None,
     ) -> None:
         given = locals()
         o: dict[str, Any] = {name: given[name] for name in _OPTIONS}
         super().__init__(workers=o["workers"], use_multiprocessing=o["use_multiprocessing"],
                          max_queue_size=o["max_queue_size"])
-        self.store = store if isinstance(store, Store) else open_store(store)
+        self.store = (store if isinstance(store, Store) else open_store(store)).with_verify_reads(verify_reads)
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise OptionError(f"batch_size must be a positive integer. Received: batch_size={truncate(batch_size)}")
         self.batch_size_value = int(batch_size)
@@ -237,11 +256,14 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, ResumeMixin, _DataAdapte
 
     def _init_batches(self, o: dict[str, Any]) -> None:
         validate_choice("mask_mode", o["mask_mode"], MASK_MODES)
-        validate_choice("normalize", o["normalize"], NORMALIZE_MODES)
+        intensity = intensity_options(self.store, o["normalize"], o["window"])  # validates both
         meta = self.store.meta
         labels = [int(v) for v in meta.get("label_values", [])]
         num_classes = o["num_classes"]
         if num_classes is None:
+            if "label_values" not in meta and o["mask_mode"] != "binary":
+                raise OptionError("num_classes is needed: these wrapped masks are over 256 MiB, so their labels "
+                                  "were not scanned. Pass num_classes=K (labels 0..K-1). Received: num_classes=None")
             num_classes = max(labels) + 1 if labels else 2
             if o["mask_mode"] != "binary" and labels and num_classes > 2 * len(labels) and num_classes > 8:
                 raise LabelError(f"The store's labels are {labels}: sparse/onehot masks need labels 0..K-1. "
@@ -252,21 +274,8 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, ResumeMixin, _DataAdapte
         augment = Augment.from_config(o["augment"])
         if augment is not None and augment.is_identity:
             augment = None
-        dtype = self.store.image_dtype
-        value_range = 65535.0 if dtype == np.uint16 else 255.0 if dtype == np.uint8 else 1.0
-        c = self.store.image_shape[2]
-        offset, scale = np.zeros(c, np.float32), np.ones(c, np.float32)
-        if o["normalize"] == "unit":
-            scale[:] = 1.0 / value_range
-        elif o["normalize"] == "standardize":
-            if "image_mean" not in meta:
-                raise OptionError("normalize='standardize' needs the store's statistics, which wrapped arrays "
-                                  "lack; convert the data or use normalize='unit'. Received: normalize='standardize'")
-            offset[:] = meta["image_mean"]
-            scale[:] = 1.0 / np.maximum(np.asarray(meta["image_std"], np.float32), 1e-6)
         self.options = BatchOptions(seed=self.seed, augment=augment, mask_mode=o["mask_mode"],
-                                    num_classes=int(num_classes), normalize=o["normalize"],
-                                    image_offset=offset, image_scale=scale, value_range=value_range)
+                                    num_classes=int(num_classes), **intensity)
         self.augment = augment
         self.mask_mode = o["mask_mode"]
         self.num_classes = int(num_classes)
@@ -476,10 +485,11 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, ResumeMixin, _DataAdapte
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def __del__(self) -> None:
+    def __del__(self, _finalizing: Any = sys.is_finalizing) -> None:  # bound now: at exit modules are gone
         feeder = self.__dict__.get("_feeder")
-        if feeder is not None:
-            feeder.close()
+        if feeder is None or _finalizing():  # at exit the pools' own finalizers have cleaned up
+            return
+        feeder.close()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

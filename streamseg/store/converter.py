@@ -3,23 +3,37 @@
 Work is split by chunk.  Each task loads, checks and resizes the samples of one chunk
 and writes the chunk itself (in a worker process when ``workers > 1``), returning only a
 small record, so the main process does almost nothing and memory stays bounded by
-``workers x chunk`` whatever the number of samples.
+``workers x chunk`` whatever the number of samples (a chunk that would not fit in the
+memory available is refused up front, as is a ``size`` side above :data:`MAX_SIDE`).
+
+The destination is locked for the whole conversion (:mod:`streamseg.store.lock`), and
+workers end when the converting process dies (:mod:`streamseg.store._orphans`).
+
+Medical volumes (:mod:`streamseg.store.volume_convert`) become one 2D sample per slice; with
+``workers > 1`` each worker gets runs of consecutive chunks covering whole cases, so a case
+is read about once (plus once by the checking pass before anything is written).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import zlib
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import InputError, OptionError, SourceMismatchError, truncate
+from ..errors import DestinationError, InputError, OptionError, SourceMismatchError, StreamsegError, truncate
 from ..progress import Progress
 from ..io.sources import ArraySource, FolderSource, SynthSource, prepare_pair
+from ._orphans import die_with_parent
+from .lock import DestinationLock
 from .reader import Store, open_store
+from .volume_convert import chunk_segments, is_volume_input, largest_case_bytes, refuse_volume_options, \
+    volume_source
 from .writer import (
     COMPRESSORS,
     FORMATS,
@@ -30,7 +44,11 @@ from .writer import (
     prepare_destination,
 )
 
-__all__ = ["convert", "convert_source"]
+__all__ = ["convert", "convert_source", "check_size", "MAX_SIDE"]
+
+#: Largest ``size`` side accepted (16384 x 16384 x 3 uint8 is already 768 MiB per sample).
+MAX_SIDE = 16384
+_MEMORY_FRACTION = 0.8  # of the memory available at the start, for all workers' chunks together
 
 
 class _ChunkTask:
@@ -45,7 +63,7 @@ class _ChunkTask:
         start, stop = k * cs, min((k + 1) * cs, plan["count"])
         h, w, c = plan["image_shape"]
         images = np.empty((stop - start, h, w, c), plan["image_dtype"])
-        masks = np.empty((stop - start, h, w, 1), np.uint8)
+        masks = np.empty((stop - start, h, w, 1), plan["mask_dtype"])
         names = []
         for j, i in enumerate(range(start, stop)):
             image, mask = _load_checked(self.source, i, self.options, plan)
@@ -58,7 +76,9 @@ def _load_checked(source: Any, i: int, options: dict[str, Any], plan: dict[str, 
                   ) -> tuple[np.ndarray, np.ndarray]:
     raw_image, raw_mask, iw, mw = source.load(i)
     image, mask = prepare_pair(raw_image, raw_mask, iw, mw, size=options["size"],
-                               channels=options["channels"], image_dtype=options["image_dtype"])
+                               channels=options["channels"], image_dtype=options["image_dtype"],
+                               keep_channels=getattr(source, "keep_channels", False),
+                               mask_dtype=options["mask_dtype"])
     if plan is not None:
         h, w, c = plan["image_shape"]
         if image.shape[2] != c:
@@ -87,11 +107,64 @@ def _validate(format: str, compressor: str, size: Any, channels: Any, image_dtyp
         raise OptionError(f"chunk_samples must be a positive integer. Received: {truncate(chunk_samples)}")
     if not isinstance(workers, int) or workers < 1:
         raise OptionError(f"workers must be a positive integer. Received: {truncate(workers)}")
+    return check_size(size, channels=channels, workers=workers)
+
+
+def check_size(size: Any, *, channels: int | None = None, workers: int = 1) -> tuple[int, int] | None:
+    """Validate a sample size ``(H, W)`` before any image is made that large.
+
+    Each side must be at most :data:`MAX_SIDE`, and one sample per worker must fit in the
+    memory available now (counting at least one byte per image channel and one per mask pixel).
+
+    Parameters
+    ----------
+    size : (H, W) or None
+        The requested size; None keeps the sources' size.
+    channels : int, optional
+        Image channels, when known.
+    workers : int
+        Processes that will each hold a sample (and its chunk).
+
+    Returns
+    -------
+    (int, int) or None
+        The size as plain integers.
+
+    Raises
+    ------
+    OptionError
+        Not two positive integers, a side above :data:`MAX_SIDE`, or too big for the memory.
+    """
     if size is None:
         return None
     if len(size) != 2 or not all(isinstance(v, (int, np.integer)) and v > 0 for v in size):
         raise OptionError(f"size must be two positive integers (H, W). Received: {truncate(size)}")
-    return int(size[0]), int(size[1])
+    if max(size) > MAX_SIDE:
+        raise OptionError(f"size must be at most {MAX_SIDE} pixels per side; pass a smaller --size H W. "
+                          f"Received: {truncate(tuple(int(v) for v in size))}")
+    h, w = int(size[0]), int(size[1])
+    _check_memory(h * w * ((channels or 1) + 1), 1, workers, f"--size {h} {w}")
+    return h, w
+
+
+def _check_memory(sample_bytes: int, chunk_samples: int, workers: int, what: str, held: int = 0) -> None:
+    """Refuse a conversion whose chunks cannot fit in the memory available now.
+
+    Each worker holds a chunk (images and masks), its padded copy and the encoded bytes, plus
+    the sample being decoded and resized: about ``3 x chunk + 2 x sample`` per worker, plus
+    ``held`` bytes it keeps besides (a volume source's current case).
+    """
+    import psutil
+
+    need = workers * (3 * chunk_samples * sample_bytes + 2 * sample_bytes + held)
+    usable = int(_MEMORY_FRACTION * psutil.virtual_memory().available)
+    if need > usable:
+        gib = 2.0**30
+        raise OptionError(
+            f"{what} needs about {need / gib:.1f} GiB of memory ({workers} worker(s) x {chunk_samples} "
+            f"sample(s) per chunk) but at most {usable / gib:.1f} GiB may be used ({_MEMORY_FRACTION:.0%} "
+            "of the memory available now); pass a smaller --size, a smaller --chunk-samples or fewer --workers."
+        )
 
 
 def convert(src: str | os.PathLike | None = None, dst: str | os.PathLike | None = None, *,
@@ -101,13 +174,20 @@ def convert(src: str | os.PathLike | None = None, dst: str | os.PathLike | None 
             mask_suffix: str = "", format: str = "zarr", size: tuple[int, int] | None = None,
             channels: int | None = None, image_dtype: str | None = None,
             chunk_samples: int | None = None, compressor: str = "lz4", workers: int = 1,
-            overwrite: bool = False, resume: bool = False, progress: Any = "auto") -> Store:
-    """Convert image/mask pairs into a store.
+            overwrite: bool = False, resume: bool = False, progress: Any = "auto",
+            layout: str | None = None, axis: str | None = None, context: int | None = None,
+            skip_empty: bool | None = None, keep_empty: float | None = None,
+            remap_labels: bool | None = None, seed: int | None = None,
+            mask_dtype: str | None = None) -> Store:
+    """Convert image/mask pairs (2D files, arrays or medical volumes) into a store.
 
     Parameters
     ----------
     src : path, optional
-        Folder with ``images/`` and ``masks/`` paired by file stem.
+        Folder with ``images/`` and ``masks/`` paired by file stem, or a volume data set:
+        ``imagesTr/`` + ``labelsTr/`` (Decathlon, nnU-Net) or ``images/`` + ``masks/`` holding
+        volume files (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``, ...; ``.nii.gz`` counts as one
+        suffix) or DICOM series folders, paired by case name.
     dst : path
         Destination store directory.
     images, masks : path, optional
@@ -138,12 +218,46 @@ def convert(src: str | os.PathLike | None = None, dst: str | os.PathLike | None 
         Replace an existing store, or finish an interrupted conversion.
     progress : {"auto", "bar", "plain", "quiet"} or bool
         Progress reporting.
+    layout : {"slices"}, optional
+        Volumes only (as are all options below; None means the default, and any of them
+        given for a 2D source is refused).  ``"slices"`` (default): every slice along
+        ``axis`` is one 2D sample named ``"{case}:{slice}"``.  ``"volumes"`` is not built yet.
+    axis : {"axial", "coronal", "sagittal"}, optional
+        Slicing axis of the RAS-reoriented volume (default axial).
+    context : int, optional
+        Neighbouring slices stacked on each side as extra channels (2.5D; edges replicated;
+        default 0).
+    skip_empty : bool, optional
+        Drop slices without foreground (default False) ...
+    keep_empty : float, optional
+        ... keeping this share of them, drawn with ``seed`` (default 0.0).
+    remap_labels : bool, optional
+        Store labels as ``0..K-1`` (the table of original values goes into the manifest);
+        needed for labels above the mask store's range.
+    seed : int, optional
+        Seed of the ``keep_empty`` draw and of the foreground intensity sample (default 0).
+    mask_dtype : {"uint8", "uint16"}, optional
+        Mask store dtype (default uint8).  uint16 keeps labels up to 65535 as they are;
+        training still needs labels ``0..255`` (``SegmentationDataset``'s ``num_classes`` is
+        at most 256), so ``remap_labels`` is usually the better way.
 
     Returns
     -------
     Store
-        The finished store, opened.
+        The finished store, opened.  For volumes, ``store.meta["params"]["source"]`` holds
+        the per-case records (``cases``: paths, shape, spacing, affine, orientation on
+        disk, intensity range and percentiles, label voxel counts) and the label table.
+
+    Raises
+    ------
+    StreamsegError
+        Bad input or options, one line each (the CLI prints it and exits 2).  Volume input
+        is checked case by case before anything is written: image/mask shape or affine
+        mismatches, non-integer float masks, truncated or unreadable files (named), empty
+        series folders, several series in one folder, lonely images or masks.
     """
+    given = {"layout": layout, "axis": axis, "context": context, "skip_empty": skip_empty,
+             "keep_empty": keep_empty, "remap_labels": remap_labels, "seed": seed, "mask_dtype": mask_dtype}
     if dst is None:
         raise OptionError("convert needs a destination. Received: dst=None")
     if (images is None) != (masks is None):
@@ -152,15 +266,24 @@ def convert(src: str | os.PathLike | None = None, dst: str | os.PathLike | None 
     if images is not None:
         if src is not None:
             raise OptionError(f"Give either a source folder or arrays, not both. Received: src={truncate(src)}")
+        refuse_volume_options(given)
         source: Any = ArraySource(images, masks, images_key=images_key, masks_key=masks_key)  # type: ignore[arg-type]
     else:
         if src is None and not (images_dir and masks_dir):
             raise OptionError("convert needs a source folder, --images-dir/--masks-dir, or "
                               "--images/--masks arrays. Received: nothing")
-        source = FolderSource(src, images_dir=images_dir, masks_dir=masks_dir, mask_suffix=mask_suffix)
-    return convert_source(source, dst, format=format, size=size, channels=channels, image_dtype=image_dtype,
-                          chunk_samples=chunk_samples, compressor=compressor, workers=workers,
-                          overwrite=overwrite, resume=resume, progress=progress)
+        if is_volume_input(src, images_dir=images_dir, masks_dir=masks_dir):
+            _validate(format, compressor, size, channels, image_dtype, chunk_samples, workers)  # before reading
+            source = volume_source(src, images_dir=images_dir, masks_dir=masks_dir, mask_suffix=mask_suffix,
+                                   given=given, progress=progress)
+        else:
+            refuse_volume_options(given)
+            source = FolderSource(src, images_dir=images_dir, masks_dir=masks_dir, mask_suffix=mask_suffix)
+    protect = [src] if src is not None else []
+    return _convert_source(source, dst, protect + _source_paths(source), format=format, size=size,
+                           channels=channels, image_dtype=image_dtype, chunk_samples=chunk_samples,
+                           compressor=compressor, workers=workers, overwrite=overwrite, resume=resume,
+                           progress=progress)
 
 
 def convert_source(source: FolderSource | ArraySource | SynthSource, dst: str | os.PathLike, *,
@@ -168,27 +291,97 @@ def convert_source(source: FolderSource | ArraySource | SynthSource, dst: str | 
                    image_dtype: str | None = None, chunk_samples: int | None = None,
                    compressor: str = "lz4", workers: int = 1, overwrite: bool = False,
                    resume: bool = False, progress: Any = "auto") -> Store:
-    """Convert any source object (see :mod:`streamseg.io.sources`) into a store; see :func:`convert`."""
+    """Convert any source object (see :mod:`streamseg.io.sources`) into a store; see :func:`convert`.
+
+    The destination is locked for the whole conversion (a second writer is refused, naming
+    the PID of the first), ``overwrite`` never deletes the source or anything that is not a
+    streamseg store, and the store is marked complete only after every chunk was checked on
+    disk against its checksum.
+    """
+    return _convert_source(source, dst, _source_paths(source), format=format, size=size, channels=channels,
+                           image_dtype=image_dtype, chunk_samples=chunk_samples, compressor=compressor,
+                           workers=workers, overwrite=overwrite, resume=resume, progress=progress)
+
+
+def _source_paths(source: Any) -> list[str]:
+    """The folders and files a source reads, which ``--overwrite`` must never delete."""
+    paths = [getattr(source, a, None) for a in ("images_dir", "masks_dir")]
+    spec = getattr(source, "spec", None)
+    if isinstance(source, ArraySource) and spec:
+        paths += [spec[0], spec[2]]
+    return [str(p) for p in paths if p]
+
+
+def _destination_error(dst: Path, exc: OSError) -> DestinationError | None:
+    """A one-line error for a failure to write ``dst``; None when ``exc`` is about something else."""
+    where = exc.filename
+    inside = False
+    if where is not None:
+        try:
+            inside = Path(os.path.abspath(where)).is_relative_to(os.path.abspath(dst)) or \
+                Path(os.path.abspath(dst)).is_relative_to(os.path.abspath(where))
+        except (TypeError, ValueError):
+            inside = False
+    reasons = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+               errno.EPERM: "operation not permitted", errno.ENOSPC: "no space left on the device",
+               errno.EDQUOT: "the disk quota is exceeded", errno.ENOTDIR: "a part of the path is a file"}
+    if not inside and exc.errno not in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+        return None
+    reason = reasons.get(exc.errno or 0, exc.strerror or exc.__class__.__name__)
+    return DestinationError(
+        f"Cannot write the store {dst}: {reason} ({where or dst}). Choose a destination you can "
+        "write to (check its permissions and free space)."
+    )
+
+
+def _convert_source(source: Any, dst: str | os.PathLike, protect: Sequence[str], *, format: str,
+                    size: tuple[int, int] | None, channels: int | None, image_dtype: str | None,
+                    chunk_samples: int | None, compressor: str, workers: int, overwrite: bool,
+                    resume: bool, progress: Any) -> Store:
     size = _validate(format, compressor, size, channels, image_dtype, chunk_samples, workers)
-    options = {"size": size, "channels": channels, "image_dtype": image_dtype}
+    mask_dtype = str(getattr(source, "mask_dtype", "uint8"))
+    options = {"size": size, "channels": channels, "image_dtype": image_dtype, "mask_dtype": mask_dtype}
     count = len(source)
     if count == 0:
-        raise InputError("The source holds no samples; nothing to convert.")
+        what = " (every slice was empty and --skip-empty dropped them)" if getattr(source, "skip_empty", 0) else ""
+        raise InputError(f"The source holds no samples{what}; nothing to convert.")
     probe_image, _ = _load_checked(source, 0, options, None)
     h, w, c = probe_image.shape
     cs = chunk_samples or default_chunk_samples((h, w, c), probe_image.dtype.itemsize)
+    mask_bytes = np.dtype(mask_dtype).itemsize
+    case_bytes = largest_case_bytes(source)  # a volume source holds one whole case per process
+    _check_memory(h * w * (c * probe_image.dtype.itemsize + mask_bytes), min(cs, count), workers,
+                  f"One chunk of {min(cs, count)} {h}x{w}x{c} {probe_image.dtype} sample(s)"
+                  + (f" and a case of {case_bytes / 2**20:.0f} MiB" if case_bytes else ""), case_bytes)
     names_crc = 0
     for i in range(count):
         names_crc = zlib.crc32(source.name(i).encode() + b"\n", names_crc)
     plan = {
         "backend": format, "count": count, "image_shape": [h, w, c], "image_dtype": str(probe_image.dtype),
-        "mask_dtype": "uint8", "chunk_samples": cs, "num_chunks": -(-count // cs),
+        "mask_dtype": mask_dtype, "chunk_samples": cs, "num_chunks": -(-count // cs),
         "compressor": compressor, "clevel": 3, "shuffle": "shuffle", "names_crc32": names_crc,
         "params": {"source": source.describe(), "size": list(size) if size else None,
                    "channels": channels, "image_dtype": image_dtype},
     }
     dst_path = Path(dst)
-    done = prepare_destination(dst_path, plan, overwrite=overwrite, resume=resume)
+    try:
+        with DestinationLock(dst_path):
+            return _write_store(source, dst_path, plan, options, protect, overwrite, resume, progress,
+                                workers)
+    except StreamsegError:
+        raise
+    except OSError as exc:
+        mapped = _destination_error(dst_path, exc)
+        if mapped is None:
+            raise
+        raise mapped from None
+
+
+def _write_store(source: Any, dst_path: Path, plan: dict[str, Any], options: dict[str, Any],
+                 protect: Sequence[str], overwrite: bool, resume: bool, progress: Any, workers: int) -> Store:
+    """Everything that touches the destination; the caller holds its lock."""
+    count, cs = plan["count"], plan["chunk_samples"]
+    done = prepare_destination(dst_path, plan, overwrite=overwrite, resume=resume, protect=protect)
     todo = [k for k in range(plan["num_chunks"]) if k not in done]
     task = _ChunkTask(source, ChunkSink(dst_path, plan), options)
     bar = Progress(count, f"convert -> {dst_path.name}", mode=progress, unit="pairs")
@@ -203,7 +396,8 @@ def convert_source(source: FolderSource | ArraySource | SynthSource, dst: str | 
                 append_progress(dst_path, record)
                 bar.update(record["n"])
         else:
-            _run_parallel(task, todo, workers, dst_path, bar)
+            ranges = source.case_ranges() if hasattr(source, "case_ranges") else None
+            _run_parallel(task, chunk_segments(todo, cs, count, ranges, workers), workers, dst_path, bar)
     finally:
         blosc.use_threads = blosc_threads
         bar.close()
@@ -211,43 +405,57 @@ def convert_source(source: FolderSource | ArraySource | SynthSource, dst: str | 
     return open_store(dst_path)
 
 
-_WORKER_TASK: list[_ChunkTask] = []  # set once per conversion worker by _init_worker
+# set once per conversion worker by _init_worker: the task and a "parent still alive?" check
+_WORKER_TASK: list[tuple[_ChunkTask, Callable[[], bool]]] = []
 
 
-def _init_worker(task: _ChunkTask) -> None:
+def _init_worker(task: _ChunkTask, owner: int) -> None:
     """Receive the (large) task once per worker; Blosc runs one thread per worker.
+
+    The worker ends when the converting process ``owner`` dies (even by ``SIGKILL``), so it
+    never outlives it holding the caller's pipes or the destination's lock.
 
     OpenCV's thread count is left alone: ``cv2.setNumThreads`` deadlocks in a forked child
     whose parent had used OpenCV's thread pool (seen with OpenCV 5.0).
     """
+    alive = die_with_parent(owner)
     from numcodecs import blosc
 
     blosc.use_threads = False
-    _WORKER_TASK[:] = [task]
+    _WORKER_TASK[:] = [(task, alive)]
 
 
-def _run_chunk(k: int) -> dict[str, Any]:
-    return _WORKER_TASK[0](k)
+def _run_chunks(ks: list[int]) -> list[dict[str, Any]]:
+    """Write a run of consecutive chunks in this worker (a volume case stays in its cache)."""
+    task, alive = _WORKER_TASK[0]
+    records = []
+    for k in ks:
+        if not alive():  # portable fallback to the death signal: orphaned between chunks
+            os._exit(1)
+        records.append(task(k))
+    return records
 
 
-def _run_parallel(task: _ChunkTask, todo: list[int], workers: int, dst: Path, bar: Progress) -> None:
+def _run_parallel(task: _ChunkTask, runs: list[list[int]], workers: int, dst: Path, bar: Progress) -> None:
+    """Hand runs of chunks (:func:`~streamseg.store.volume_convert.chunk_segments`) to workers."""
     pending: set[Future] = set()
-    queue = iter(todo)
-    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(task,)) as pool:
+    queue = iter(runs)
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
+                             initargs=(task, os.getpid())) as pool:
         try:
-            for k in queue:
-                pending.add(pool.submit(_run_chunk, k))
+            for run in queue:
+                pending.add(pool.submit(_run_chunks, run))
                 if len(pending) >= 2 * workers:
                     break
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    record = fut.result()  # re-raises the worker's InputError etc.
-                    append_progress(dst, record)
-                    bar.update(record["n"])
+                    for record in fut.result():  # re-raises the worker's InputError etc.
+                        append_progress(dst, record)
+                        bar.update(record["n"])
                     nxt = next(queue, None)
                     if nxt is not None:
-                        pending.add(pool.submit(_run_chunk, nxt))
+                        pending.add(pool.submit(_run_chunks, nxt))
         except BaseException:
             for fut in pending:
                 fut.cancel()

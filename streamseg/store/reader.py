@@ -1,4 +1,4 @@
-"""Read side of a streamseg store: :func:`open_store` and :class:`Store`.
+"""Read side of a store: :func:`open_store` and :class:`Store`.
 
 A store is a directory holding either a Zarr v3 group (arrays ``images`` of shape
 ``(N, H, W, C)`` and ``masks`` of shape ``(N, H, W, 1)``, chunked along ``N``) or two
@@ -6,40 +6,46 @@ A store is a directory holding either a Zarr v3 group (arrays ``images`` of shap
 written last, so its presence (with ``"complete": true``) marks a finished store.
 
 ``Store.read`` reads whole chunks: a batch touching ``k`` chunks costs ``k`` chunk
-decodes, whatever the number of samples.  For the zarr backend the chunk files are
-decoded directly with numcodecs when the codec pipeline is the one streamseg writes
-(bytes + optional Blosc), which avoids zarr-python's asyncio machinery (about 1 ms per
-call) and makes reading safe after ``fork``; any other pipeline falls back to zarr.
+decodes, whatever the number of samples.  Zarr chunk files are decoded directly
+(:class:`~streamseg.store.layout.ZarrChunkReader`).
 
-A ``Store`` pickles as its path, so worker processes reopen it lazily.
+Reads are checked by default (``verify_reads``): the bytes of each chunk file (zarr) or
+sample (memmap) read are compared with checksums recorded at conversion (once per process
+and file version), and a mismatch raises :class:`CorruptChunkError` naming the chunk, its samples and the store (see
+:mod:`streamseg.store.integrity`).  Opening a store compares its metadata files (sizes,
+checksums) with the manifest.
+
+A ``Store`` pickles as its path (and ``verify_reads``), so worker processes reopen it lazily.
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import os
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import (
-    CorruptChunkError,
-    IncompleteStoreError,
-    OptionError,
-    StoreNotFoundError,
-    truncate,
+from ..errors import CorruptStoreError, OptionError, truncate
+from .integrity import ReadVerifier, check_metadata, refuse_damaged, source_names, sources_problem
+from .layout import (
+    ARRAY_NAMES,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    PLAN_NAME,
+    PROGRESS_NAME,
+    SOURCES_NAME,
+    ZarrChunkReader,
+    load_manifest,
 )
 
-__all__ = ["Store", "open_store", "MANIFEST_NAME", "PROGRESS_NAME", "FORMAT_VERSION", "ARRAY_NAMES"]
+__all__ = ["Store", "open_store", "MANIFEST_NAME", "PROGRESS_NAME", "PLAN_NAME", "FORMAT_VERSION", "ARRAY_NAMES"]
 
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-PROGRESS_NAME = "_progress.jsonl"
-PLAN_NAME = "_plan.json"
-ARRAY_NAMES = ("images", "masks")
+_ZarrChunkReader = ZarrChunkReader  # the name the writer imports
+_LABEL_SCAN_BYTES = 256 * 2**20  # wrapped masks up to this size are scanned for their labels once
+_GROUP_BYTES = 1 << 20  # memmap reads: samples are copied (and checked) this many bytes at a time
 
 
 def _as_index_array(indices: Any, n: int) -> np.ndarray:
@@ -58,89 +64,6 @@ def _as_index_array(indices: Any, n: int) -> np.ndarray:
     return np.where(idx < 0, idx + n, idx)
 
 
-class _ZarrChunkReader:
-    """Decode chunk files of one zarr array straight from disk."""
-
-    def __init__(self, root: Path, name: str) -> None:
-        self.root = root
-        self.name = name
-        meta = json.loads((root / name / "zarr.json").read_text())
-        self.shape = tuple(meta["shape"])
-        self.dtype = np.dtype(meta["data_type"])
-        self.chunk_shape = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
-        codecs = [c["name"] for c in meta["codecs"]]
-        sep = meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/")
-        endian = meta["codecs"][0].get("configuration", {}).get("endian", "little")
-        self._direct = (
-            codecs in (["bytes"], ["bytes", "blosc"])
-            and sep == "/"
-            and meta.get("chunk_key_encoding", {}).get("name") == "default"
-            and (self.dtype.itemsize == 1 or endian == "little")
-        )
-        self._blosc = codecs == ["bytes", "blosc"]
-        self._tail = "/".join("0" for _ in self.shape[1:])
-        self._zarr_array: Any = None
-        self.chunk_nbytes = int(np.prod(self.chunk_shape)) * self.dtype.itemsize
-        self._scratch = threading.local()  # per-thread reusable buffers: no page faults per read
-
-    def chunk_path(self, k: int) -> Path:
-        return self.root / self.name / "c" / str(k) / self._tail
-
-    def read_raw(self, k: int, *, reuse: bool = False) -> bytes | memoryview:
-        """Bytes of chunk file ``k``; with ``reuse`` a view of a per-thread buffer."""
-        path = self.chunk_path(k)
-        try:
-            if not reuse:
-                return path.read_bytes()
-            with open(path, "rb", buffering=0) as fh:
-                size = os.fstat(fh.fileno()).st_size
-                buf = getattr(self._scratch, "raw", None)
-                if buf is None or len(buf) < size:
-                    buf = self._scratch.raw = bytearray(max(size, self.chunk_nbytes // 2))
-                view = memoryview(buf)[:size]
-                got = fh.readinto(view)
-                return view[:got]
-        except FileNotFoundError:
-            raise CorruptChunkError(
-                f"Chunk {k} of '{self.name}' is missing ({path}); the store is damaged: "
-                "run `streamseg verify` and re-convert."
-            ) from None
-
-    def decode(self, raw: bytes | memoryview, k: int, *, reuse: bool = False) -> np.ndarray:
-        """Decode chunk ``k``; with ``reuse`` into a per-thread buffer (valid until the next call)."""
-        out = getattr(self._scratch, "chunk", None) if reuse else None
-        if out is None:
-            out = np.empty(self.chunk_shape, dtype=self.dtype.newbyteorder("<"))
-            if reuse:
-                self._scratch.chunk = out
-        try:
-            if self._blosc:
-                from numcodecs import blosc
-
-                blosc.decompress(raw, out)
-            else:
-                if len(raw) != self.chunk_nbytes:
-                    raise ValueError(f"expected {self.chunk_nbytes} bytes, found {len(raw)}")
-                out.reshape(-1).view(np.uint8)[:] = np.frombuffer(raw, np.uint8)
-        except Exception as exc:  # blosc raises RuntimeError on garbage
-            raise CorruptChunkError(
-                f"Chunk {k} of '{self.name}' in {self.root} cannot be decoded ({exc}); "
-                "run `streamseg verify` to list damaged chunks, then re-convert them."
-            ) from None
-        return out
-
-    def read_chunk(self, k: int, *, reuse: bool = False) -> np.ndarray:
-        """Decoded chunk ``k``; with ``reuse`` the array is overwritten by the next call."""
-        if self._direct:
-            return self.decode(self.read_raw(k, reuse=reuse), k, reuse=reuse)
-        if self._zarr_array is None:
-            import zarr
-
-            self._zarr_array = zarr.open_array(self.root / self.name, mode="r")
-        c = self.chunk_shape[0]
-        return np.asarray(self._zarr_array[k * c : (k + 1) * c])
-
-
 class Store:
     """A finished streamseg store, or arrays wrapped to look like one.
 
@@ -155,13 +78,17 @@ class Store:
         ``"zarr"``, ``"memmap"`` or ``"arrays"``.
     meta : dict
         The manifest.
+    verify_reads : bool
+        Whether reads are checked against the checksums recorded at conversion (default
+        True; False for wrapped arrays, which have none).  See :func:`open_store`.
     """
 
-    def __init__(self, path: str | os.PathLike, *, _check: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike, *, verify_reads: bool = True) -> None:
         self.path: Path | None = Path(path)
         self._arrays: tuple[Any, Any] | None = None
-        self.meta: dict[str, Any] = _load_manifest(self.path) if _check else {}
+        self.meta: dict[str, Any] = _open_manifest(self.path)
         self.backend: str = self.meta.get("backend", "zarr")
+        self.verify_reads = bool(verify_reads)
         self._readers: dict[str, Any] | None = None
         self._lazy: dict[str, Any] = {}
 
@@ -183,7 +110,9 @@ class Store:
         Returns
         -------
         Store
-            Reads go straight to the arrays; no statistics are computed.
+            Reads go straight to the arrays.  Masks under 256 MiB are scanned once for their
+            label values (``meta["label_values"]``, from which a dataset takes its default
+            ``num_classes``); larger ones are not, and a dataset then needs ``num_classes``.
         """
         for label, arr in (("images", images), ("masks", masks)):
             if not hasattr(arr, "shape") or not hasattr(arr, "__getitem__"):
@@ -214,6 +143,7 @@ class Store:
         self._readers = None
         self._lazy = {}
         self.backend = "arrays"
+        self.verify_reads = False  # nothing was recorded to check against
         n = int(images.shape[0])
         c = 1 if len(images.shape) == 3 else int(images.shape[3])
         self.meta = {
@@ -228,12 +158,23 @@ class Store:
             "chunk_samples": int((getattr(images, "chunks", None) or (1,))[0] or 1),
             "names": list(names) if names is not None else None,
         }
+        labels = _scan_labels(masks)
+        if labels is not None:
+            self.meta["label_values"] = labels
         return self
+
+    def with_verify_reads(self, enabled: bool | None) -> "Store":
+        """This store with read checks turned on or off (``None``: this store itself)."""
+        if enabled is None or bool(enabled) == self.verify_reads or self.path is None:
+            return self
+        other = copy.copy(self)  # shares the open files and caches
+        other.verify_reads = bool(enabled)
+        return other
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict[str, Any]:
         if self.path is not None:
-            return {"path": str(self.path)}
+            return {"path": str(self.path), "verify_reads": self.verify_reads}
         images, masks = self._arrays  # type: ignore[misc]
         return {"arrays": (_picklable(images, "images"), _picklable(masks, "masks")), "meta": self.meta}
 
@@ -243,11 +184,13 @@ class Store:
         if "path" in state:
             self.path = Path(state["path"])
             self._arrays = None
-            self.meta = _load_manifest(self.path)
+            self.meta = _open_manifest(self.path)
+            self.verify_reads = bool(state.get("verify_reads", True))
         else:
             self.meta = state["meta"]
             self.path = None
             self._arrays = tuple(_unpickle_array(a) for a in state["arrays"])  # type: ignore[assignment]
+            self.verify_reads = False
         self.backend = self.meta.get("backend", "zarr")
 
     def __repr__(self) -> str:
@@ -295,10 +238,30 @@ class Store:
 
     @property
     def names(self) -> list[str]:
-        """Source name of every sample, in store order."""
+        """Source name of every sample, in store order.
+
+        Raises
+        ------
+        CorruptStoreError
+            ``sources.txt`` is missing, or does not name every sample as the manifest records.
+        """
         if "names" not in self._lazy:
-            if self.path is not None and (self.path / "sources.txt").exists():
-                self._lazy["names"] = (self.path / "sources.txt").read_text().splitlines()
+            listed = self.path is not None and self.meta.get("sources", {}).get("file")
+            if listed or (self.path is not None and (self.path / SOURCES_NAME).exists()):
+                assert self.path is not None
+                try:
+                    text = (self.path / SOURCES_NAME).read_bytes()
+                except FileNotFoundError:
+                    text = None
+                found = source_names(text) if text is not None else []
+                problem = (f"{SOURCES_NAME} is missing" if text is None
+                           else sources_problem(self.meta, text, len(found)))
+                if problem:
+                    raise CorruptStoreError(
+                        f"Store {self.path}: {problem}. Run `streamseg verify {self.path}`, and "
+                        "re-convert the store (convert again with --overwrite)."
+                    )
+                self._lazy["names"] = found
             else:
                 given = self.meta.get("names")
                 self._lazy["names"] = list(given) if given else [str(i) for i in range(len(self))]
@@ -318,12 +281,20 @@ class Store:
         return self._lazy[name]
 
     # ------------------------------------------------------------------ reading
-    def chunk_reader(self, name: str) -> _ZarrChunkReader:
+    def chunk_reader(self, name: str) -> ZarrChunkReader:
         """Direct chunk reader for a zarr array (zarr backend only)."""
         if self._readers is None:
             assert self.path is not None and self.backend == "zarr"
-            self._readers = {n: _ZarrChunkReader(self.path, n) for n in ARRAY_NAMES}
+            self._readers = {n: ZarrChunkReader(self.path, n) for n in ARRAY_NAMES}
         return self._readers[name]
+
+    def _verifier(self) -> ReadVerifier | None:
+        """The read checker of this process, or None when reads are not checked."""
+        if not self.verify_reads or self.path is None:
+            return None
+        if "verifier" not in self._lazy:
+            self._lazy["verifier"] = ReadVerifier(self.path, self.meta)
+        return self._lazy["verifier"]
 
     def read_chunk(self, name: str, k: int) -> np.ndarray:
         """Return chunk ``k`` of array ``name`` as a NumPy array (trimmed to the store length)."""
@@ -331,10 +302,15 @@ class Store:
         start, stop = k * c, min((k + 1) * c, len(self))
         if not 0 <= start < len(self):
             raise IndexError(f"Chunk {k} is out of range for {self.num_chunks} chunks.")
+        verifier = self._verifier()
         if self.backend == "zarr":
-            arr = self.chunk_reader(name).read_chunk(k)
+            arr = self.chunk_reader(name).read_chunk(k, check=verifier.check_chunk_file if verifier else None)
             return arr[: stop - start]
-        return np.asarray(self._array(name)[start:stop])
+        arr = np.array(self._array(name)[start:stop])
+        held = np.arange(start, stop)
+        if verifier is not None and verifier.needs_check(name, f"{self.path}{os.sep}{name}.npy", held):
+            verifier.check_samples(name, held, arr, self._array(name))
+        return arr
 
     def read(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Read the samples at ``indices`` (any order, repeats allowed).
@@ -350,6 +326,12 @@ class Store:
             ``(B, H, W, C)`` in the stored dtype.
         masks : numpy.ndarray
             ``(B, H, W, 1)`` in the stored dtype.
+
+        Raises
+        ------
+        CorruptChunkError
+            A chunk is missing, cannot be decoded or (with ``verify_reads``) fails its
+            checksum; the message names the chunk, its samples and the store.
 
         Notes
         -----
@@ -372,12 +354,23 @@ class Store:
         if self.backend == "arrays":
             self._read_arrays(idx, images, masks)
             return
+        verifier = self._verifier()
         if self.backend == "memmap":
             order = np.argsort(idx, kind="stable")
             sorted_idx = idx[order]
-            images[order] = self._array("images")[sorted_idx]
-            masks[order] = self._array("masks")[sorted_idx]
+            for name, out in (("images", images), ("masks", masks)):
+                src = self._array(name)
+                pending = verifier is not None and verifier.needs_check(name, f"{self.path}{os.sep}{name}.npy", idx)
+                # copied in groups small enough to stay in cache between the copy out of the map,
+                # the check of the bytes handed out and the store (2x faster than one gather)
+                step = max(1, _GROUP_BYTES // max(1, out[:1].nbytes))
+                for a in range(0, idx.size, step):
+                    part = src[sorted_idx[a : a + step]]
+                    if pending:
+                        verifier.check_samples(name, sorted_idx[a : a + step], part, src)  # type: ignore[union-attr]
+                    out[order[a : a + step]] = part
             return
+        check = verifier.check_chunk_file if verifier is not None else None
         csize = self.chunk_samples
         order = np.argsort(idx, kind="stable")
         sorted_idx = idx[order]
@@ -390,7 +383,7 @@ class Store:
             contiguous = (pos[-1] - pos[0] == run - 1 and local[-1] - local[0] == run - 1
                           and (run == 1 or (np.all(np.diff(pos) == 1) and np.all(np.diff(local) == 1))))
             for name, out in (("images", images), ("masks", masks)):
-                chunk = self.chunk_reader(name).read_chunk(k, reuse=True)
+                chunk = self.chunk_reader(name).read_chunk(k, reuse=True, check=check)
                 if contiguous:  # one memcpy, no temporary
                     out[pos[0] : pos[0] + run] = chunk[local[0] : local[0] + run].reshape((run,) + out.shape[1:])
                 else:
@@ -428,53 +421,47 @@ def _unpickle_array(spec: tuple) -> Any:
     return spec[1]
 
 
-def _load_manifest(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise StoreNotFoundError(
-            f"No store at {path}: create one with `streamseg convert SRC {path}` "
-            f"or `streamseg synth {path} --format zarr`."
-        )
-    manifest = path / MANIFEST_NAME
-    if not manifest.exists():
-        if (path / PLAN_NAME).exists():
-            done = 0
-            if (path / PROGRESS_NAME).exists():
-                done = sum(1 for line in (path / PROGRESS_NAME).read_text().splitlines() if line.strip())
-            total = json.loads((path / PLAN_NAME).read_text()).get("num_chunks", "?")
-            raise IncompleteStoreError(
-                f"Store {path} is incomplete ({done} of {total} chunks written; the conversion "
-                "was interrupted). Re-run the same `streamseg convert` command with --resume "
-                "to finish it, or with --overwrite to start again."
-            )
-        raise StoreNotFoundError(
-            f"{path} is not a streamseg store (no {MANIFEST_NAME}). Create one with "
-            f"`streamseg convert SRC {path}`."
-        )
-    try:
-        meta = json.loads(manifest.read_text())
-    except ValueError as exc:
-        raise IncompleteStoreError(
-            f"The manifest of {path} is damaged ({exc}); re-convert with --overwrite."
-        ) from None
-    if not meta.get("complete"):
-        raise IncompleteStoreError(
-            f"Store {path} is not marked complete; re-run `streamseg convert` with --resume."
-        )
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise IncompleteStoreError(
-            f"Store {path} has format version {meta.get('format_version')}, newer than this "
-            f"streamseg understands ({FORMAT_VERSION}); upgrade streamseg."
-        )
+def _scan_labels(masks: Any) -> list[int] | None:
+    """Label values of wrapped masks under 256 MiB (one pass); None for larger ones."""
+    nbytes = int(np.prod(masks.shape)) * np.dtype(masks.dtype).itemsize
+    if nbytes > _LABEL_SCAN_BYTES:
+        return None
+    data = np.asarray(masks if isinstance(masks, np.ndarray) else masks[...]).reshape(-1)
+    if data.size == 0:
+        return []
+    if data.dtype == np.bool_:
+        data = data.view(np.uint8)
+    lo, hi = int(data.min()), int(data.max())
+    if lo >= 0 and hi < 65536:
+        return np.flatnonzero(np.bincount(data, minlength=1)).tolist()
+    return [int(v) for v in np.unique(data)]
+
+
+def _open_manifest(path: Path) -> dict[str, Any]:
+    """The manifest, after comparing the metadata files it records with those on disk."""
+    meta = load_manifest(path)
+    problems = check_metadata(path, meta, content=False)
+    if problems:
+        raise refuse_damaged(path, problems)
     return meta
 
 
-def open_store(path: str | os.PathLike) -> Store:
+def open_store(path: str | os.PathLike, *, verify_reads: bool = True) -> Store:
     """Open a finished store for reading.
 
     Parameters
     ----------
     path : str or os.PathLike
         Directory written by ``streamseg convert`` / :func:`streamseg.convert`.
+    verify_reads : bool
+        Check what reads return against the checksums recorded at conversion (default): each
+        zarr chunk file and each memmap sample the first time this process reads it, and again
+        whenever its file changes (inode, size or modification time).  Reads of bytes already
+        checked cost nothing, so only a process's first epoch pays (benchmarks/verify_cost.py).
+        Stores written before per-read checksums existed are checked with their per-chunk
+        crc32s, each chunk once per process; zarr arrays rewritten with codecs streamseg does
+        not write are read through zarr, unchecked.  False reads without checking;
+        ``streamseg verify`` checks everything.
 
     Returns
     -------
@@ -486,5 +473,8 @@ def open_store(path: str | os.PathLike) -> Store:
         Nothing there, or not a streamseg store.
     IncompleteStoreError
         The conversion did not finish; the message says how to resume.
+    CorruptStoreError
+        A metadata file (``zarr.json``, ``sources.txt``, a ``.npy`` header, ...) is missing or
+        differs from what the manifest records; the message names it.
     """
-    return Store(path)
+    return Store(path, verify_reads=verify_reads)

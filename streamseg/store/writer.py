@@ -10,6 +10,12 @@ uninterrupted run because every statistic is an exact integer sum per chunk.
 
 Chunks are written by whichever process produced them (:class:`ChunkSink` pickles as
 its path), so conversion scales with worker processes.
+
+Nothing here loses data or reports false success: the converter holds the destination's
+lock (:mod:`streamseg.store.lock`) throughout; ``--overwrite`` deletes only a streamseg
+store that neither holds nor lies inside the source and contains nothing streamseg does not
+write; and before the manifest is written every planned chunk is re-read from disk and
+checked against its recorded checksum (:func:`_check_chunks_on_disk`).
 """
 
 from __future__ import annotations
@@ -19,11 +25,14 @@ import os
 import shutil
 import zlib
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from ..errors import OptionError, StoreExistsError, truncate
+from ..errors import IncompleteStoreError, OptionError, StoreExistsError, truncate
+from .integrity import buffer_checksum, record_files, row_checksums, sample_rows, write_read_checksums
+from .lock import LOCK_NAME
 from .reader import ARRAY_NAMES, FORMAT_VERSION, MANIFEST_NAME, PLAN_NAME, PROGRESS_NAME
 
 __all__ = ["ChunkSink", "chunk_record", "prepare_destination", "finalize_store", "COMPRESSORS",
@@ -31,6 +40,9 @@ __all__ = ["ChunkSink", "chunk_record", "prepare_destination", "finalize_store",
 
 COMPRESSORS = ("zstd", "lz4", "none")
 FORMATS = ("zarr", "memmap")
+#: Top-level files streamseg writes into a store (anything else there is the user's).
+_STORE_FILES = frozenset({MANIFEST_NAME, "sources.txt", "read_checksums.npy", PLAN_NAME, PROGRESS_NAME, "zarr.json",
+                          "images.npy", "masks.npy"})
 
 
 def default_chunk_samples(image_shape: tuple[int, int, int], itemsize: int, target_mb: float = 2.0) -> int:
@@ -94,17 +106,21 @@ class ChunkSink:
         cs = self.plan["chunk_samples"]
         start = k * cs
         crcs: dict[str, int] = {}
+        read: dict[str, Any] = {}  # read checksums (store/integrity.py): per sample (memmap), per file
         for name, data in (("images", images), ("masks", masks)):
             if self.plan["backend"] == "memmap":
                 mm = arrays[name]
                 mm[start : start + data.shape[0]] = data
                 mm.flush()
                 crcs[name] = _crc(np.ascontiguousarray(data))
+                read[name] = row_checksums(sample_rows(mm[start : start + data.shape[0]])).tolist()
             else:
-                crcs[name] = self._write_zarr_chunk(arrays[name], k, data)
-        return chunk_record(k, images, masks, names, crcs)
+                crcs[name], read[name] = self._write_zarr_chunk(arrays[name], k, data)
+        record = chunk_record(k, images, masks, names, crcs)
+        record["read"] = read
+        return record
 
-    def _write_zarr_chunk(self, reader: Any, k: int, data: np.ndarray) -> int:
+    def _write_zarr_chunk(self, reader: Any, k: int, data: np.ndarray) -> tuple[int, int]:
         full = np.zeros(reader.chunk_shape, reader.dtype)  # the last chunk is padded with fill 0
         full[: data.shape[0]] = data
         full = np.ascontiguousarray(full.astype(reader.dtype.newbyteorder("<"), copy=False))
@@ -114,7 +130,7 @@ class ChunkSink:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(raw)
         os.replace(tmp, path)
-        return zlib.crc32(raw)
+        return zlib.crc32(raw), buffer_checksum(raw)
 
     def _blosc_codec(self) -> Any:
         from numcodecs import Blosc
@@ -124,8 +140,20 @@ class ChunkSink:
         return Blosc(cname=cname, clevel=self.plan.get("clevel", 3), shuffle=shuffle)
 
 
-def prepare_destination(dst: Path, plan: dict[str, Any], *, overwrite: bool, resume: bool) -> set[int]:
-    """Create (or reopen for resume) the store skeleton; return the chunks already done."""
+def prepare_destination(dst: Path, plan: dict[str, Any], *, overwrite: bool, resume: bool,
+                        protect: Sequence[str | os.PathLike] = ()) -> set[int]:
+    """Create (or reopen for resume) the store skeleton; return the chunks already done.
+
+    The caller holds the destination's lock (:class:`~streamseg.store.lock.DestinationLock`),
+    so ``dst`` may already exist holding only the lock file, which counts as empty and is kept.
+
+    ``overwrite`` deletes a destination only when it is a streamseg store (a manifest or a
+    conversion log in it), does not hold or lie inside any path of ``protect`` (the source
+    folders and files), and holds nothing that streamseg does not write into a store;
+    otherwise it refuses with :class:`StoreExistsError` and deletes nothing.
+    """
+    if dst.exists() and not dst.is_dir():
+        raise StoreExistsError(f"{dst} exists and is a file, not a folder; choose another destination.")
     if resume and dst.exists() and (dst / MANIFEST_NAME).exists():
         raise StoreExistsError(f"{dst} is already a complete store; nothing to resume. "
                                "Use --overwrite to convert again.")
@@ -139,19 +167,91 @@ def prepare_destination(dst: Path, plan: dict[str, Any], *, overwrite: bool, res
                 f"--overwrite to start again. Received: {truncate({k: plan.get(k) for k in sorted(diffs)[:3]})}"
             )
         return set(_read_progress(dst))
-    if dst.exists() and any(dst.iterdir()):
+    if dst.exists() and any(e.name != LOCK_NAME for e in os.scandir(dst)):
         if not (overwrite or resume):
             raise StoreExistsError(f"{dst} already exists; pass --overwrite to replace it "
                                    "or --resume to finish an interrupted conversion.")
-        is_store = any((dst / n).exists() for n in (MANIFEST_NAME, PLAN_NAME))
+        is_store = any((dst / n).exists() for n in (MANIFEST_NAME, PLAN_NAME, PROGRESS_NAME))
         if not is_store:
             raise StoreExistsError(f"{dst} exists and is not a streamseg store; refusing to delete "
                                    "it. Choose another destination.")
-        shutil.rmtree(dst)
+        if not overwrite:
+            raise StoreExistsError(f"{dst} has no interrupted conversion to resume (no {PLAN_NAME}); "
+                                   "pass --overwrite to convert again.")
+        _refuse_source_overlap(dst, protect)
+        foreign = _foreign_entries(dst)
+        if foreign:
+            raise StoreExistsError(
+                f"{dst} holds files that streamseg does not write ({', '.join(foreign)}); refusing to "
+                "delete them with --overwrite. Move them out of the store, or choose another destination."
+            )
+        _clear_store(dst)
     dst.mkdir(parents=True, exist_ok=True)
     _create_arrays(dst, plan)
     _atomic_write(dst / PLAN_NAME, json.dumps(plan))
     return set()
+
+
+def _refuse_source_overlap(dst: Path, protect: Sequence[str | os.PathLike]) -> None:
+    here = dst.resolve()
+    for p in protect:
+        src = Path(p).resolve()
+        if src == here or here in src.parents:
+            raise StoreExistsError(f"Refusing to --overwrite {dst}: it holds the source {p}; converting "
+                                   "would delete the source data. Choose a destination outside the source.")
+        if src in here.parents:
+            raise StoreExistsError(f"Refusing to --overwrite {dst}: it lies inside the source {p}. Delete "
+                                   "the old store yourself, or choose a destination outside the source.")
+
+
+def _stem(name: str) -> str:
+    return name[:-4] if name.endswith(".tmp") else name  # an atomic write cut short by a kill
+
+
+def _foreign_entries(dst: Path, limit: int = 5) -> list[str]:
+    """Up to ``limit`` paths under ``dst`` that streamseg never writes into a store."""
+    found: list[str] = []
+    for entry in os.scandir(dst):
+        name = entry.name
+        if name == LOCK_NAME and entry.is_file(follow_symlinks=False):
+            continue
+        if entry.is_dir(follow_symlinks=False) and name in ARRAY_NAMES:
+            found += [f"{name}/{p}" for p in _foreign_in_array(Path(entry.path))]
+        elif not (entry.is_file(follow_symlinks=False) and _stem(name) in _STORE_FILES):
+            found.append(name)
+        if len(found) >= limit:
+            break
+    return found[:limit]
+
+
+def _foreign_in_array(folder: Path) -> list[str]:
+    found: list[str] = []
+    for entry in os.scandir(folder):
+        if entry.is_file(follow_symlinks=False) and _stem(entry.name) == "zarr.json":
+            continue
+        if entry.is_dir(follow_symlinks=False) and entry.name == "c":
+            stack = [(entry.path, "c")]
+            while stack and len(found) < 5:  # chunk keys: c/<k>/0/0/0, every name a number
+                path, rel = stack.pop()
+                for sub in os.scandir(path):
+                    if sub.is_symlink() or not _stem(sub.name).isdigit():
+                        found.append(f"{rel}/{sub.name}")
+                    elif sub.is_dir():
+                        stack.append((sub.path, f"{rel}/{sub.name}"))
+            continue
+        found.append(entry.name)
+    return found
+
+
+def _clear_store(dst: Path) -> None:
+    """Delete a store's contents (checked by :func:`_foreign_entries`), keeping the lock file."""
+    for entry in os.scandir(dst):
+        if entry.name == LOCK_NAME:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
 
 
 def _create_arrays(dst: Path, plan: dict[str, Any]) -> None:
@@ -168,7 +268,7 @@ def _create_arrays(dst: Path, plan: dict[str, Any]) -> None:
     import zarr
     from zarr.codecs import BloscCodec
 
-    group = zarr.open_group(dst, mode="w")
+    group = zarr.open_group(dst, mode="a")  # not "w": that empties dst, lock file included
     for name in ARRAY_NAMES:
         compressors: Any = None
         if plan["compressor"] != "none":
@@ -207,12 +307,71 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _check_chunks_on_disk(dst: Path, plan: dict[str, Any], records: dict[int, dict[str, Any]]) -> None:
+    """Before the completion flag: every planned chunk is recorded and on disk with its checksum.
+
+    Also checks the arrays' metadata (``zarr.json`` / ``.npy`` headers) against the plan, so a
+    store emptied or changed by another process meanwhile is never marked complete.
+
+    Raises
+    ------
+    IncompleteStoreError
+        Naming the first problem found; nothing is marked complete.
+    """
+    def refuse(problem: str) -> IncompleteStoreError:
+        return IncompleteStoreError(
+            f"Cannot mark {dst} complete: {problem}. Something changed the store while it was "
+            "written; nothing was marked complete. Convert again with --overwrite."
+        )
+
+    missing = [k for k in range(plan["num_chunks"]) if k not in records]
+    if missing:
+        raise refuse(f"chunk(s) {missing[:5]} have no progress record")
+    n, cs = plan["count"], plan["chunk_samples"]
+    h, w, c = plan["image_shape"]
+    shapes = {"images": (n, h, w, c), "masks": (n, h, w, 1)}
+    dtypes = {"images": plan["image_dtype"], "masks": plan["mask_dtype"]}
+    for k in range(plan["num_chunks"]):
+        if records[k].get("n") != min(cs, n - k * cs):
+            raise refuse(f"the progress record of chunk {k} counts {records[k].get('n')} samples")
+    if plan["backend"] == "memmap":
+        for name in ARRAY_NAMES:
+            try:
+                arr = np.load(dst / f"{name}.npy", mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise refuse(f"{name}.npy is missing or unreadable ({exc})") from None
+            if arr.shape != shapes[name] or str(arr.dtype) != dtypes[name]:
+                raise refuse(f"{name}.npy holds {arr.dtype} {arr.shape}, planned {dtypes[name]} {shapes[name]}")
+            for k in range(plan["num_chunks"]):
+                if _crc(np.ascontiguousarray(arr[k * cs : (k + 1) * cs])) != records[k]["crc"][name]:
+                    raise refuse(f"{name} chunk {k} does not match its checksum")
+            del arr
+        return
+    from .reader import _ZarrChunkReader
+
+    if not (dst / "zarr.json").is_file():
+        raise refuse("zarr.json is missing")
+    for name in ARRAY_NAMES:
+        try:
+            reader = _ZarrChunkReader(dst, name)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise refuse(f"{name}/zarr.json is missing or unreadable ({exc.__class__.__name__})") from None
+        if reader.shape != shapes[name] or reader.chunk_shape[0] != cs or str(reader.dtype) != dtypes[name]:
+            raise refuse(f"{name}/zarr.json does not describe the planned array")
+        for k in range(plan["num_chunks"]):
+            path = reader.chunk_path(k)
+            try:
+                raw = path.read_bytes()
+            except FileNotFoundError:
+                raise refuse(f"{name} chunk {k} is missing ({path})") from None
+            if zlib.crc32(raw) != records[k]["crc"][name]:
+                raise refuse(f"{name} chunk {k} does not match its checksum ({path})")
+
+
 def finalize_store(dst: Path, plan: dict[str, Any]) -> dict[str, Any]:
     """Combine the per-chunk records into the manifest and mark the store complete."""
     records = _read_progress(dst)
-    missing = [k for k in range(plan["num_chunks"]) if k not in records]
-    if missing:
-        raise RuntimeError(f"chunks {missing[:5]} were not written")
+    _check_chunks_on_disk(dst, plan, records)
     ordered = [records[k] for k in range(plan["num_chunks"])]
     h, w, c = plan["image_shape"]
     npix = plan["count"] * h * w
@@ -247,6 +406,10 @@ def finalize_store(dst: Path, plan: dict[str, Any]) -> dict[str, Any]:
         "checksums": {"algorithm": "crc32", "of": "chunk files" if plan["backend"] == "zarr" else "raw chunk bytes",
                       "chunks": [r["crc"] for r in ordered]},
     }
+    read_checksums = write_read_checksums(dst, plan["backend"], ordered)
+    if read_checksums is not None:
+        manifest["read_checksums"] = read_checksums
+    manifest["files"] = record_files(dst, plan["backend"])  # written last: open_store compares them
     _atomic_write(dst / MANIFEST_NAME, json.dumps(manifest, indent=1))
     for name in (PROGRESS_NAME, PLAN_NAME):
         (dst / name).unlink(missing_ok=True)
