@@ -51,3 +51,14 @@ def arrays_store(tmp_path: Path, backend: str):
     store = convert(images=tmp_path / "x.npy", masks=tmp_path / "y.npy", dst=tmp_path / f"s.{backend}",
                     format=backend, chunk_samples=4, progress=False)
     return store, images, masks
+
+
+def save_nifti(path, data, affine):
+    """Write ``data`` as NIfTI with its own dtype (folders made as needed); return the path."""
+    import nibabel as nib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(data, affine)
+    img.set_data_dtype(data.dtype)
+    nib.save(img, path)
+    return path

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import index_encoded, write_pairs
+from conftest import index_encoded, save_nifti, write_pairs
 from streamseg import OptionError, convert, open_store
 from streamseg.cli import main
 from streamseg.io.synth_volumes import write_synth_volumes
@@ -45,12 +45,7 @@ def _volumes(root: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
             for c in CASES]
 
 
-def _save(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(data, affine)
-    img.set_data_dtype(data.dtype)
-    nib.save(img, path)
-    return path
+_save = save_nifti
 
 
 def _error(capsys: pytest.CaptureFixture, *args: object, command: str = "convert") -> str:

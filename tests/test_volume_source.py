@@ -14,6 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import save_nifti
 from streamseg import open_store
 from streamseg.errors import InputError, LabelError, OptionError, SourceMismatchError, UnreadableFileError
 from streamseg.io._volume_stats import label_counts, percentiles
@@ -42,12 +43,7 @@ def _source(root: Path, **kw: object) -> VolumeSliceSource:
     return VolumeSliceSource(root, progress=False, **kw)  # type: ignore[arg-type]
 
 
-def _save(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(data, affine)
-    img.set_data_dtype(data.dtype)
-    nib.save(img, path)
-    return path
+_save = save_nifti
 
 
 # --------------------------------------------------------------------------- #
