@@ -35,7 +35,8 @@ def _add_volume_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("medical volumes (imagesTr/ + labelsTr/, or images/ + masks/ of "
                              ".nii.gz/.nrrd/.mha files or DICOM series folders)")
     g.add_argument("--layout", choices=["slices", "volumes"], default=None,
-                   help="slices (default): every slice one 2D sample; volumes: not built yet")
+                   help="slices (default): every slice one 2D sample; volumes: one 3D-chunked entry per "
+                   "case, for PatchDataset")
     g.add_argument("--axis", choices=["axial", "coronal", "sagittal"], default=None,
                    help="slicing axis of the RAS volume (default axial)")
     g.add_argument("--context", type=int, default=None, metavar="K",
@@ -47,7 +48,12 @@ def _add_volume_options(p: argparse.ArgumentParser) -> None:
                    help="store labels as 0..K-1 (table in the manifest); needed for labels above 255")
     g.add_argument("--mask-dtype", choices=["uint8", "uint16"], default=None,
                    help="mask store dtype (default uint8; training needs labels below 256)")
-    g.add_argument("--seed", type=int, default=None, help="seed of --keep-empty's draw (default 0)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed of --keep-empty's draw and the foreground samples (default 0)")
+    g.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("SX", "SY", "SZ"),
+                   help="resample to this spacing in mm (RAS; 0 keeps an axis): linear images, nearest masks")
+    g.add_argument("--chunk-shape", type=int, nargs=3, default=None, metavar=("CX", "CY", "CZ"),
+                   help="--layout volumes: chunk in voxels (default 32 32 32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,12 +202,16 @@ def _cmd_convert(args: argparse.Namespace) -> None:
                     resume=args.resume, progress=False if args.quiet else "auto", layout=args.layout,
                     axis=args.axis, context=args.context, skip_empty=args.skip_empty,
                     keep_empty=args.keep_empty, remap_labels=args.remap_labels, seed=args.seed,
-                    mask_dtype=args.mask_dtype)
+                    mask_dtype=args.mask_dtype, spacing=tuple(args.spacing) if args.spacing else None,
+                    chunk_shape=tuple(args.chunk_shape) if args.chunk_shape else None)
     if not args.quiet:
         from .store.volume_info import volume_summary
 
         vols = volume_summary(store.meta)
-        what = f"{len(store)} slices of {vols['cases']} cases" if vols else f"{len(store)} pairs"
+        if getattr(store, "layout", None) == "volumes":
+            what = f"{len(store)} cases (3D, chunks {' x '.join(map(str, store.chunk_shape))})"
+        else:
+            what = f"{len(store)} slices of {vols['cases']} cases" if vols else f"{len(store)} pairs"
         print(f"converted {what} into {args.dst} ({store.backend})")
 
 

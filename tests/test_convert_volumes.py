@@ -246,13 +246,18 @@ def test_mismatched_affine_message(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_refused_options(synth: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    line = _error(capsys, "convert", synth, tmp_path / "v", "--layout", "volumes")
-    assert "--layout volumes" in line and "not built yet" in line and "patch dataset" in line
+    line = _error(capsys, "convert", synth, tmp_path / "v", "--layout", "volumes", "--context", "1")
+    assert "--context" in line and "--layout slices only" in line and line.endswith("Received: context=1")
+    line = _error(capsys, "convert", synth, tmp_path / "v", "--layout", "volumes", "--size", "32", "32")
+    assert "--size" in line and "--spacing" in line
+    line = _error(capsys, "convert", synth, tmp_path / "v", "--chunk-shape", "8", "8", "8")
+    assert "--chunk-shape" in line and "applies to --layout volumes" in line
     _no_store(tmp_path / "v")
     images, masks = index_encoded(3, h=8, w=8)
     flat = write_pairs(tmp_path / "flat", images, masks)
     for flag in (["--context", "1"], ["--axis", "axial"], ["--skip-empty"], ["--remap-labels"],
-                 ["--layout", "slices"], ["--seed", "1"]):
+                 ["--layout", "slices"], ["--seed", "1"], ["--spacing", "1", "1", "1"],
+                 ["--chunk-shape", "8", "8", "8"]):
         line = _error(capsys, "convert", flat, tmp_path / "f", *flag)
         assert flag[0] in line and "medical volume sources only" in line
     _no_store(tmp_path / "f")

@@ -44,6 +44,7 @@ from ..progress import Progress
 from ._volume import Volume
 from ._volume_stats import FOREGROUND_SAMPLES, ForegroundPool, intensity_record, label_counts, labels_of, \
     stored_image_dtype
+from .resample import check_spacing, resample_pair
 from .volumes import AFFINE_TOLERANCE_MM, VOLUME_SUFFIXES, group_cases, read_case, read_volume, volume_suffix
 
 __all__ = ["VolumeSliceSource", "find_volume_cases", "read_pair", "VolumeCase", "AXES", "slice_plane"]
@@ -261,6 +262,11 @@ class VolumeSliceSource:
         the case index) into the pooled sample whose 0.5/99.5 percentiles, mean and std
         ``describe()["foreground_intensity"]`` records, as nnU-Net's fingerprint does; the
         dataset's ``normalize="ct"`` uses them.  Memory: 8 bytes per voxel and channel.
+    spacing : (SX, SY, SZ), optional
+        Resample every case to this spacing in mm (RAS order; 0 keeps an axis) as it is
+        read: linear for images, nearest for labels (:mod:`streamseg.io.resample`).  The
+        records then hold the resampled shape, spacing and affine, and the source's as
+        ``source_shape`` / ``source_spacing``.
     progress : {"auto", "bar", "plain", "quiet"} or bool
         Progress of the checking pass over the cases.
 
@@ -277,8 +283,10 @@ class VolumeSliceSource:
                  masks_dir: str | os.PathLike | None = None, mask_suffix: str = "", axis: str = "axial",
                  context: int = 0, skip_empty: bool = False, keep_empty: float = 0.0, seed: int = 0,
                  remap_labels: bool = False, mask_dtype: str = "uint8",
-                 foreground_samples: int = FOREGROUND_SAMPLES, progress: Any = "auto") -> None:
+                 foreground_samples: int = FOREGROUND_SAMPLES, spacing: Any = None,
+                 progress: Any = "auto") -> None:
         _check_options(axis, context, keep_empty, skip_empty, seed, mask_dtype, foreground_samples)
+        self.spacing = check_spacing(spacing)
         self.foreground_samples = int(foreground_samples)
         self.images_dir, self.masks_dir, self.cases = find_volume_cases(
             src, images_dir=images_dir, masks_dir=masks_dir, mask_suffix=mask_suffix)
@@ -286,6 +294,7 @@ class VolumeSliceSource:
         self.skip_empty, self.keep_empty, self.seed = bool(skip_empty), float(keep_empty), int(seed)
         self.remap_labels, self.mask_dtype = bool(remap_labels), mask_dtype
         self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._source_geometry: dict[int, dict[str, Any]] = {}
         self._lut: np.ndarray | None = None
         self._survey(progress)
 
@@ -298,7 +307,7 @@ class VolumeSliceSource:
         bar = Progress(len(self.cases), "check volumes", mode=progress, unit="cases")
         try:
             for ci, case in enumerate(self.cases):
-                image, mask = read_pair(case)
+                image, mask = self._read(ci)
                 rec, keep = self._case_record(ci, case, image, mask, pool)
                 records.append(rec)
                 selected.append(keep)
@@ -347,6 +356,7 @@ class VolumeSliceSource:
             keep = np.arange(n, dtype=np.int32)
         rec = {
             "name": case.name,
+            **self._source_geometry.pop(ci, {}),
             "image": ", ".join(case.images),
             "mask": case.mask,
             "shape": list(image.shape),
@@ -361,6 +371,26 @@ class VolumeSliceSource:
             "labels": {str(k): v for k, v in sorted(label_counts(mask).items())},
         }
         return rec, keep
+
+    def _read(self, ci: int) -> tuple[Volume, np.ndarray]:
+        """Case ``ci`` read, checked and (with ``spacing``) resampled."""
+        image, mask = read_pair(self.cases[ci])
+        if self.spacing is None:
+            return image, mask
+        arr, lab, affine, reached = resample_pair(image.array, mask, image.affine, image.spacing, self.spacing)
+        if arr is not image.array:
+            self._source_geometry[ci] = {"source_shape": list(image.shape),
+                                         "source_spacing": [float(v) for v in image.spacing],
+                                         "source_affine": [[float(v) for v in row] for row in image.affine]}
+        return Volume(array=arr, affine=affine, spacing=reached, source=image.source,
+                      orientation=image.orientation), lab
+
+    def case_arrays(self, ci: int) -> tuple[np.ndarray, np.ndarray]:
+        """Case ``ci`` as stored: image ``(X, Y, Z, C)`` in the store's dtype, labels ``(X, Y, Z)``
+        (remapped with ``remap_labels``) in ``mask_dtype``; read once, not cached."""
+        image, mask = self._read(ci)
+        arr = image.array if image.array.ndim == 4 else image.array[..., np.newaxis]
+        return np.ascontiguousarray(arr.astype(self.image_dtype, copy=False)), self._remap(mask)
 
     # ------------------------------------------------------------------ protocol
     def __getstate__(self) -> dict[str, Any]:
@@ -405,14 +435,15 @@ class VolumeSliceSource:
         return {"kind": "volumes", "images_dir": str(self.images_dir), "masks_dir": str(self.masks_dir),
                 "count": len(self), "axis": self.axis, "context": self.context,
                 "slice_orientation": _ORIENTATION[self.axis], "skip_empty": self.skip_empty,
-                "keep_empty": self.keep_empty, "seed": self.seed, "remap_labels": self.remap_labels,
+                "keep_empty": self.keep_empty, "seed": self.seed,
+                "spacing": list(self.spacing) if self.spacing else None, "remap_labels": self.remap_labels,
                 "label_table": self.label_table, "image_dtype": self.image_dtype,
                 "foreground_intensity": dict(self.foreground_intensity), "cases": self.case_records()}
 
     def _case(self, ci: int) -> tuple[np.ndarray, np.ndarray]:
         if self._cache is None or self._cache[0] != ci:
             self._cache = None  # free the previous case before reading the next
-            image, mask = read_pair(self.cases[ci])
+            image, mask = self._read(ci)
             self._cache = (ci, image.array, mask)
         return self._cache[1], self._cache[2]
 

@@ -32,8 +32,10 @@ from ..io.sources import ArraySource, FolderSource, SynthSource, prepare_pair
 from ._orphans import die_with_parent
 from .lock import DestinationLock
 from .reader import Store, open_store
-from .volume_convert import chunk_segments, is_volume_input, largest_case_bytes, refuse_volume_options, \
-    volume_source
+from .volume_convert import chunk_segments, is_volume_input, largest_case_bytes, refuse_slice_store_options, \
+    refuse_volume_options, volume_source
+from .volume_layout import check_chunk_shape
+from .volume_writer import convert_volume_store
 from .writer import (
     COMPRESSORS,
     FORMATS,
@@ -178,7 +180,8 @@ def convert(src: str | os.PathLike | None = None, dst: str | os.PathLike | None 
             layout: str | None = None, axis: str | None = None, context: int | None = None,
             skip_empty: bool | None = None, keep_empty: float | None = None,
             remap_labels: bool | None = None, seed: int | None = None,
-            mask_dtype: str | None = None) -> Store:
+            mask_dtype: str | None = None, spacing: tuple[float, float, float] | None = None,
+            chunk_shape: tuple[int, int, int] | None = None) -> Any:
     """Convert image/mask pairs (2D files, arrays or medical volumes) into a store.
 
     Parameters
@@ -218,10 +221,13 @@ def convert(src: str | os.PathLike | None = None, dst: str | os.PathLike | None 
         Replace an existing store, or finish an interrupted conversion.
     progress : {"auto", "bar", "plain", "quiet"} or bool
         Progress reporting.
-    layout : {"slices"}, optional
+    layout : {"slices", "volumes"}, optional
         Volumes only (as are all options below; None means the default, and any of them
         given for a 2D source is refused).  ``"slices"`` (default): every slice along
-        ``axis`` is one 2D sample named ``"{case}:{slice}"``.  ``"volumes"`` is not built yet.
+        ``axis`` is one 2D sample named ``"{case}:{slice}"``.  ``"volumes"``: one entry per
+        case, 3D-chunked (``chunk_shape``), read box by box by
+        :class:`~streamseg.store.volume_reader.VolumeStore` and ``PatchDataset``; ``size``,
+        ``channels``, ``image_dtype``, ``chunk_samples`` and the slice options do not apply.
     axis : {"axial", "coronal", "sagittal"}, optional
         Slicing axis of the RAS-reoriented volume (default axial).
     context : int, optional
@@ -240,10 +246,15 @@ def convert(src: str | os.PathLike | None = None, dst: str | os.PathLike | None 
         Mask store dtype (default uint8).  uint16 keeps labels up to 65535 as they are;
         training still needs labels ``0..255`` (``SegmentationDataset``'s ``num_classes`` is
         at most 256), so ``remap_labels`` is usually the better way.
+    spacing : (SX, SY, SZ), optional
+        Resample every case to this spacing in mm, RAS order (0 keeps an axis): linear for
+        images, nearest for masks (scipy.ndimage).  Both layouts.
+    chunk_shape : (CX, CY, CZ), optional
+        Chunk of a ``layout="volumes"`` store in voxels (default 32 x 32 x 32).
 
     Returns
     -------
-    Store
+    Store or VolumeStore
         The finished store, opened.  For volumes, ``store.meta["params"]["source"]`` holds
         the per-case records (``cases``: paths, shape, spacing, affine, orientation on
         disk, intensity range and percentiles, label voxel counts) and the label table.
@@ -257,7 +268,8 @@ def convert(src: str | os.PathLike | None = None, dst: str | os.PathLike | None 
         series folders, several series in one folder, lonely images or masks.
     """
     given = {"layout": layout, "axis": axis, "context": context, "skip_empty": skip_empty,
-             "keep_empty": keep_empty, "remap_labels": remap_labels, "seed": seed, "mask_dtype": mask_dtype}
+             "keep_empty": keep_empty, "remap_labels": remap_labels, "seed": seed, "mask_dtype": mask_dtype,
+             "spacing": spacing, "chunk_shape": chunk_shape}
     if dst is None:
         raise OptionError("convert needs a destination. Received: dst=None")
     if (images is None) != (masks is None):
@@ -274,6 +286,21 @@ def convert(src: str | os.PathLike | None = None, dst: str | os.PathLike | None 
                               "--images/--masks arrays. Received: nothing")
         if is_volume_input(src, images_dir=images_dir, masks_dir=masks_dir):
             _validate(format, compressor, size, channels, image_dtype, chunk_samples, workers)  # before reading
+            if layout == "volumes":
+                refuse_slice_store_options(size=size, channels=channels, image_dtype=image_dtype,
+                                           chunk_samples=chunk_samples)
+                source = volume_source(src, images_dir=images_dir, masks_dir=masks_dir, mask_suffix=mask_suffix,
+                                       given=given, progress=progress)
+
+                def check_memory(case_bytes: int) -> None:
+                    _check_memory(case_bytes, 1, workers, f"The largest case ({case_bytes / 2**20:.0f} MiB)")
+
+                return convert_volume_store(source, Path(dst), ([str(src)] if src is not None else [])
+                                            + _source_paths(source), backend=format, compressor=compressor,
+                                            chunk_shape=check_chunk_shape(chunk_shape), seed=int(seed or 0),
+                                            workers=workers, overwrite=overwrite, resume=resume,
+                                            progress=progress, check_memory=check_memory,
+                                            destination_error=_destination_error)
             source = volume_source(src, images_dir=images_dir, masks_dir=masks_dir, mask_suffix=mask_suffix,
                                    given=given, progress=progress)
         else:

@@ -50,6 +50,10 @@ def store_info(path: str | os.PathLike) -> dict[str, Any]:
     """
     root = Path(path)
     meta = load_manifest(root)
+    if meta.get("layout") == "volumes":
+        from .volume_inspect import volume_store_info
+
+        return volume_store_info(root, meta)
     warnings = [problem for _, problem in check_metadata(root, meta)]
     if "files" not in meta:
         warnings.append("the manifest records no metadata files (a store written by an older streamseg): "
@@ -98,6 +102,10 @@ def _human(nbytes: float) -> str:
 
 def format_info(info: dict[str, Any]) -> str:
     """Human-readable text for :func:`store_info`'s summary."""
+    if info.get("layout") == "volumes":
+        from .volume_inspect import format_volume_info
+
+        return format_volume_info(info)
     labels = ", ".join(f"{k} ({v['fraction']:.1%})" for k, v in info["labels"].items())
     ratio = f"{info['compression_ratio']:.2f}x" if info["compression_ratio"] else "n/a"
     mean = ", ".join(f"{m:.1f}" for m in info["image_mean"])
@@ -232,6 +240,10 @@ def verify_store(path: str | os.PathLike, *, progress: Any = "auto") -> list[dic
     """
     root = Path(path)
     meta = load_manifest(root)
+    if meta.get("layout") == "volumes":
+        from .volume_inspect import verify_volume_store
+
+        return verify_volume_store(root, meta, progress=progress)
     found: list[dict[str, Any]] = [
         {"file": rel, "array": _array_of(rel), "chunk": None, "samples": None, "names": [], "problem": problem}
         for rel, problem in check_metadata(root, meta, full=True)

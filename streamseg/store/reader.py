@@ -440,6 +440,10 @@ def _scan_labels(masks: Any) -> list[int] | None:
 def _open_manifest(path: Path) -> dict[str, Any]:
     """The manifest, after comparing the metadata files it records with those on disk."""
     meta = load_manifest(path)
+    if meta.get("layout") == "volumes":
+        raise OptionError(f"{path} is a --layout volumes store (one 3D entry per case): open it with open_store, "
+                          "which returns a VolumeStore, and train on it with PatchDataset; SegmentationDataset "
+                          "needs a --layout slices store. Received: layout='volumes'")
     problems = check_metadata(path, meta, content=False)
     if problems:
         raise refuse_damaged(path, problems)
@@ -477,4 +481,8 @@ def open_store(path: str | os.PathLike, *, verify_reads: bool = True) -> Store:
         A metadata file (``zarr.json``, ``sources.txt``, a ``.npy`` header, ...) is missing or
         differs from what the manifest records; the message names it.
     """
+    if load_manifest(Path(path)).get("layout") == "volumes":
+        from .volume_reader import VolumeStore
+
+        return VolumeStore(path, verify_reads=verify_reads)  # type: ignore[return-value]
     return Store(path, verify_reads=verify_reads)

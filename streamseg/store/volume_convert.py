@@ -23,11 +23,13 @@ from ..io.sources import IMAGE_EXTENSIONS
 from ..io.volumes import VOLUME_SUFFIXES, volume_suffix
 
 __all__ = ["VOLUME_OPTIONS", "LAYOUTS", "is_volume_input", "volume_source", "refuse_volume_options",
-           "chunk_segments", "largest_case_bytes"]
+           "chunk_segments", "largest_case_bytes", "refuse_slice_store_options"]
 
-#: Layouts of a volume store: ``slices`` (every slice one 2D sample).  ``volumes`` (3D
-#: samples) comes with the patch dataset.
-LAYOUTS = ("slices",)
+#: Layouts of a volume store: ``slices`` (every slice one 2D sample) and ``volumes`` (one
+#: 3D-chunked entry per case, for :class:`~streamseg.PatchDataset`).
+LAYOUTS = ("slices", "volumes")
+#: Options that only the ``slices`` layout uses.
+_SLICE_ONLY = ("axis", "context", "skip_empty", "keep_empty")
 
 #: Options of :func:`~streamseg.store.converter.convert` that apply to volume sources only,
 #: with their defaults for volumes and the command-line flag that sets them.
@@ -40,6 +42,8 @@ VOLUME_OPTIONS: dict[str, tuple[Any, str]] = {
     "remap_labels": (False, "--remap-labels"),
     "seed": (0, "--seed"),
     "mask_dtype": ("uint8", "--mask-dtype"),
+    "spacing": (None, "--spacing"),
+    "chunk_shape": (None, "--chunk-shape"),
 }
 
 #: A segment of chunks for one worker holds at most about this many cases (resume and
@@ -137,7 +141,8 @@ def volume_source(src: str | os.PathLike | None, *, images_dir: str | os.PathLik
     Raises
     ------
     OptionError
-        ``layout`` other than ``"slices"`` (``"volumes"`` is not built yet) or a bad option.
+        An unknown ``layout``, a slice option (axis, context, skip_empty, keep_empty) with
+        ``layout="volumes"``, ``chunk_shape`` with ``layout="slices"``, or a bad option.
     SourceMismatchError, LabelError, UnreadableFileError, InputError
         Bad input, found before anything is written (see the source).
     """
@@ -146,14 +151,37 @@ def volume_source(src: str | os.PathLike | None, *, images_dir: str | os.PathLik
     opts = {name: (given.get(name) if given.get(name) is not None else default)
             for name, (default, _) in VOLUME_OPTIONS.items()}
     layout = opts.pop("layout")
-    if layout == "volumes":
-        raise OptionError("--layout volumes (whole 3D volumes as samples) is not built yet: it comes with "
-                          "the 3D patch dataset; use --layout slices (every slice one 2D sample, the "
-                          "default, with --context K for 2.5D). Received: layout='volumes'")
+    opts.pop("chunk_shape")
     if layout not in LAYOUTS:
         raise OptionError(f"layout must be one of {', '.join(LAYOUTS)}. Received: {truncate(layout)}")
+    if layout == "volumes":
+        for name in _SLICE_ONLY:
+            if given.get(name) is not None:
+                flag = VOLUME_OPTIONS[name][1]
+                raise OptionError(f"{flag} ({name}=) applies to --layout slices only; --layout volumes stores "
+                                  f"whole cases for 3D patches. Received: {name}={truncate(given[name])}")
+    elif given.get("chunk_shape") is not None:
+        raise OptionError("--chunk-shape (chunk_shape=) applies to --layout volumes; slice stores are chunked "
+                          f"by --chunk-samples. Received: chunk_shape={truncate(given['chunk_shape'])}")
     return VolumeSliceSource(src, images_dir=images_dir, masks_dir=masks_dir, mask_suffix=mask_suffix,
                              progress=progress, **opts)
+
+
+def refuse_slice_store_options(*, size: Any, channels: Any, image_dtype: Any, chunk_samples: Any) -> None:
+    """Refuse the 2D store options that a ``layout="volumes"`` store has no use for.
+
+    Raises
+    ------
+    OptionError
+        Naming the first one given and what to use instead.
+    """
+    for name, value, hint in (("size", size, "--spacing SX SY SZ resamples volumes"),
+                              ("channels", channels, "channels are the modalities of each case"),
+                              ("image_dtype", image_dtype, "volumes keep their dtype"),
+                              ("chunk_samples", chunk_samples, "use --chunk-shape CX CY CZ")):
+        if value is not None:
+            raise OptionError(f"{name}= (--{name.replace('_', '-')}) does not apply to --layout volumes: {hint}. "
+                              f"Received: {name}={truncate(value)}")
 
 
 def largest_case_bytes(source: Any) -> int:

@@ -55,7 +55,7 @@ def volume_summary(manifest: dict[str, Any]) -> dict[str, Any] | None:
     src = (manifest.get("params") or {}).get("source") or {}
     if src.get("kind") != "volumes":
         return None
-    cases = list(src.get("cases") or [])
+    cases = list(src.get("cases") or manifest.get("cases") or [])
     labels: Counter[int] = Counter()
     for case in cases:
         for value, voxels in case.get("labels", {}).items():
@@ -65,6 +65,7 @@ def volume_summary(manifest: dict[str, Any]) -> dict[str, Any] | None:
         "cases": len(cases),
         "slices": sum(int(c.get("selected", 0)) for c in cases),
         "total_slices": sum(int(c.get("slices", 0)) for c in cases),
+        "layout": manifest.get("layout", "slices"),
         "axis": src.get("axis"),
         "context": src.get("context", 0),
         "skip_empty": bool(src.get("skip_empty")),
@@ -116,6 +117,10 @@ def volume_lines(summary: dict[str, Any]) -> list[str]:
         f"volumes      {summary['cases']} cases from {summary.get('images_dir')}",
         f"slicing      {summary['axis']}, {kept}"
         + (f", context {ctx} ({2 * ctx + 1} slices x {channels} channel(s) per sample)" if ctx else ""),
+    ]
+    if summary.get("layout") == "volumes":
+        lines = lines[:1]
+    lines += [
         f"case shape   {' x '.join(_span(r) for r in summary['shape'])} voxels (RAS)",
         f"spacing      {' x '.join(_span(r) for r in summary['spacing'])} mm",
         "on disk      " + ", ".join(f"{k} ({n})" for k, n in summary["orientations"].items()),

@@ -25,7 +25,7 @@ import os
 import shutil
 import zlib
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,7 @@ import numpy as np
 from ..errors import IncompleteStoreError, OptionError, StoreExistsError, truncate
 from .integrity import buffer_checksum, record_files, row_checksums, sample_rows, write_read_checksums
 from .lock import LOCK_NAME
+from .volume_layout import CASE_ARRAYS, CASE_FILES, CASES_DIR
 from .reader import ARRAY_NAMES, FORMAT_VERSION, MANIFEST_NAME, PLAN_NAME, PROGRESS_NAME
 
 __all__ = ["ChunkSink", "chunk_record", "prepare_destination", "finalize_store", "COMPRESSORS",
@@ -141,7 +142,8 @@ class ChunkSink:
 
 
 def prepare_destination(dst: Path, plan: dict[str, Any], *, overwrite: bool, resume: bool,
-                        protect: Sequence[str | os.PathLike] = ()) -> set[int]:
+                        protect: Sequence[str | os.PathLike] = (),
+                        create: Callable[[Path, dict[str, Any]], None] | None = None) -> set[int]:
     """Create (or reopen for resume) the store skeleton; return the chunks already done.
 
     The caller holds the destination's lock (:class:`~streamseg.store.lock.DestinationLock`),
@@ -150,7 +152,8 @@ def prepare_destination(dst: Path, plan: dict[str, Any], *, overwrite: bool, res
     ``overwrite`` deletes a destination only when it is a streamseg store (a manifest or a
     conversion log in it), does not hold or lie inside any path of ``protect`` (the source
     folders and files), and holds nothing that streamseg does not write into a store;
-    otherwise it refuses with :class:`StoreExistsError` and deletes nothing.
+    otherwise it refuses with :class:`StoreExistsError` and deletes nothing.  ``create`` makes
+    the empty arrays (default: the 2D store's ``images`` and ``masks``).
     """
     if dst.exists() and not dst.is_dir():
         raise StoreExistsError(f"{dst} exists and is a file, not a folder; choose another destination.")
@@ -187,7 +190,7 @@ def prepare_destination(dst: Path, plan: dict[str, Any], *, overwrite: bool, res
             )
         _clear_store(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    _create_arrays(dst, plan)
+    (create or _create_arrays)(dst, plan)
     _atomic_write(dst / PLAN_NAME, json.dumps(plan))
     return set()
 
@@ -217,11 +220,32 @@ def _foreign_entries(dst: Path, limit: int = 5) -> list[str]:
             continue
         if entry.is_dir(follow_symlinks=False) and name in ARRAY_NAMES:
             found += [f"{name}/{p}" for p in _foreign_in_array(Path(entry.path))]
+        elif entry.is_dir(follow_symlinks=False) and name == CASES_DIR:  # a volume store
+            found += [f"{name}/{p}" for p in _foreign_in_cases(Path(entry.path))]
         elif not (entry.is_file(follow_symlinks=False) and _stem(name) in _STORE_FILES):
             found.append(name)
         if len(found) >= limit:
             break
     return found[:limit]
+
+
+def _foreign_in_cases(folder: Path) -> list[str]:
+    """Entries of a volume store's ``cases/`` that streamseg does not write there."""
+    found: list[str] = []
+    for case in os.scandir(folder):
+        if _stem(case.name) == "zarr.json" and case.is_file(follow_symlinks=False):
+            continue
+        if not (case.is_dir(follow_symlinks=False) and case.name.isdigit()):
+            found.append(case.name)
+            continue
+        for entry in os.scandir(case.path):
+            if entry.is_dir(follow_symlinks=False) and entry.name in CASE_ARRAYS:
+                found += [f"{case.name}/{entry.name}/{p}" for p in _foreign_in_array(Path(entry.path))]
+            elif not (entry.is_file(follow_symlinks=False) and _stem(entry.name) in CASE_FILES):
+                found.append(f"{case.name}/{entry.name}")
+        if len(found) >= 5:
+            break
+    return found
 
 
 def _foreign_in_array(folder: Path) -> list[str]:
