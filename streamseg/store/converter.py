@@ -289,6 +289,7 @@ def convert(src: str | os.PathLike | None = None, dst: str | os.PathLike | None 
             if layout == "volumes":
                 refuse_slice_store_options(size=size, channels=channels, image_dtype=image_dtype,
                                            chunk_samples=chunk_samples)
+                chunks = check_chunk_shape(chunk_shape)  # before every case is read
                 source = volume_source(src, images_dir=images_dir, masks_dir=masks_dir, mask_suffix=mask_suffix,
                                        given=given, progress=progress)
 
@@ -297,7 +298,7 @@ def convert(src: str | os.PathLike | None = None, dst: str | os.PathLike | None 
 
                 return convert_volume_store(source, Path(dst), ([str(src)] if src is not None else [])
                                             + _source_paths(source), backend=format, compressor=compressor,
-                                            chunk_shape=check_chunk_shape(chunk_shape), seed=int(seed or 0),
+                                            chunk_shape=chunks, seed=int(seed or 0),
                                             workers=workers, overwrite=overwrite, resume=resume,
                                             progress=progress, check_memory=check_memory,
                                             destination_error=_destination_error)

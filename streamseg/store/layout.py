@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import CorruptChunkError, IncompleteStoreError, StoreNotFoundError
 
-__all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "PROGRESS_NAME", "PLAN_NAME", "ARRAY_NAMES", "SOURCES_NAME",
+__all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "PROGRESS_NAME", "PLAN_NAME", "ARRAYS_MARK", "ARRAY_NAMES", "SOURCES_NAME",
            "READ_CHECKSUMS_NAME", "ZarrChunkReader", "file_identity", "load_manifest", "sample_range",
            "zarr_chunk_path"]
 
@@ -26,6 +26,8 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 PROGRESS_NAME = "_progress.jsonl"
 PLAN_NAME = "_plan.json"
+#: Written once every array of a new store exists (a kill while creating them is redone on --resume).
+ARRAYS_MARK = "_arrays.ok"
 SOURCES_NAME = "sources.txt"
 READ_CHECKSUMS_NAME = "read_checksums.npy"
 ARRAY_NAMES = ("images", "masks")
@@ -69,9 +71,11 @@ def load_manifest(path: Path) -> dict[str, Any]:
             done = 0
             if (path / PROGRESS_NAME).exists():
                 done = sum(1 for line in (path / PROGRESS_NAME).read_text().splitlines() if line.strip())
-            total = json.loads((path / PLAN_NAME).read_text()).get("num_chunks", "?")
+            plan = json.loads((path / PLAN_NAME).read_text())
+            volumes = plan.get("layout") == "volumes"
+            total = plan.get("count" if volumes else "num_chunks", "?")
             raise IncompleteStoreError(
-                f"Store {path} is incomplete ({done} of {total} chunks written; the conversion "
+                f"Store {path} is incomplete ({done} of {total} {'cases' if volumes else 'chunks'} written; the conversion "
                 "was interrupted). Re-run the same `streamseg convert` command with --resume "
                 "to finish it, or with --overwrite to start again."
             )

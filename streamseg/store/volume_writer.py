@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import IncompleteStoreError, StreamsegError, truncate
 from ..progress import Progress
 from ._orphans import die_with_parent
+from .layout import ARRAYS_MARK
 from .reader import FORMAT_VERSION, MANIFEST_NAME, PLAN_NAME, PROGRESS_NAME
 from .volume_layout import CASES_DIR, PATCH_READS, case_dir, chunk_file, chunk_grid, foreground_sample, slab_ranges
 from .writer import _atomic_write, _read_progress, append_progress
@@ -295,7 +296,7 @@ def finalize_volume_store(dst: Path, plan: dict[str, Any]) -> dict[str, Any]:
         "params": {"source": {key: val for key, val in source.items() if key != "cases"}},
     }
     _atomic_write(dst / MANIFEST_NAME, json.dumps(manifest, indent=1))
-    for name in (PROGRESS_NAME, PLAN_NAME):
+    for name in (PROGRESS_NAME, PLAN_NAME, ARRAYS_MARK):
         (dst / name).unlink(missing_ok=True)
     return manifest
 

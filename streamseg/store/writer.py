@@ -34,6 +34,7 @@ from ..errors import IncompleteStoreError, OptionError, StoreExistsError, trunca
 from .integrity import buffer_checksum, record_files, row_checksums, sample_rows, write_read_checksums
 from .lock import LOCK_NAME
 from .volume_layout import CASE_ARRAYS, CASE_FILES, CASES_DIR
+from .layout import ARRAYS_MARK
 from .reader import ARRAY_NAMES, FORMAT_VERSION, MANIFEST_NAME, PLAN_NAME, PROGRESS_NAME
 
 __all__ = ["ChunkSink", "chunk_record", "prepare_destination", "finalize_store", "COMPRESSORS",
@@ -43,6 +44,7 @@ COMPRESSORS = ("zstd", "lz4", "none")
 FORMATS = ("zarr", "memmap")
 #: Top-level files streamseg writes into a store (anything else there is the user's).
 _STORE_FILES = frozenset({MANIFEST_NAME, "sources.txt", "read_checksums.npy", PLAN_NAME, PROGRESS_NAME, "zarr.json",
+                          ARRAYS_MARK,
                           "images.npy", "masks.npy"})
 
 
@@ -169,6 +171,12 @@ def prepare_destination(dst: Path, plan: dict[str, Any], *, overwrite: bool, res
                 f"({', '.join(sorted(diffs)[:5])}). Re-run with the original options, or use "
                 f"--overwrite to start again. Received: {truncate({k: plan.get(k) for k in sorted(diffs)[:3]})}"
             )
+        if not (dst / ARRAYS_MARK).exists():  # killed while the arrays were being created: redo them
+            for entry in os.scandir(dst):
+                if entry.name not in (LOCK_NAME, PLAN_NAME):
+                    shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.unlink(entry.path)
+            _create_all(dst, plan, create)
+            return set()
         return set(_read_progress(dst))
     if dst.exists() and any(e.name != LOCK_NAME for e in os.scandir(dst)):
         if not (overwrite or resume):
@@ -190,9 +198,14 @@ def prepare_destination(dst: Path, plan: dict[str, Any], *, overwrite: bool, res
             )
         _clear_store(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    (create or _create_arrays)(dst, plan)
-    _atomic_write(dst / PLAN_NAME, json.dumps(plan))
+    _atomic_write(dst / PLAN_NAME, json.dumps(plan))  # first: from here on --resume / --overwrite know it
+    _create_all(dst, plan, create)
     return set()
+
+
+def _create_all(dst: Path, plan: dict[str, Any], create: Callable[[Path, dict[str, Any]], None] | None) -> None:
+    (create or _create_arrays)(dst, plan)
+    _atomic_write(dst / ARRAYS_MARK, "arrays created\n")
 
 
 def _refuse_source_overlap(dst: Path, protect: Sequence[str | os.PathLike]) -> None:
@@ -435,6 +448,6 @@ def finalize_store(dst: Path, plan: dict[str, Any]) -> dict[str, Any]:
         manifest["read_checksums"] = read_checksums
     manifest["files"] = record_files(dst, plan["backend"])  # written last: open_store compares them
     _atomic_write(dst / MANIFEST_NAME, json.dumps(manifest, indent=1))
-    for name in (PROGRESS_NAME, PLAN_NAME):
+    for name in (PROGRESS_NAME, PLAN_NAME, ARRAYS_MARK):
         (dst / name).unlink(missing_ok=True)
     return manifest
