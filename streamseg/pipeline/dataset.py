@@ -40,6 +40,7 @@ from .batches import (
 from .adapter import KerasAdapterMixin
 from .intensity import intensity_options
 from .resume import ResumeMixin
+from .split import split
 from ..errors import LabelError, OptionError, StreamsegError, reject_unknown_keywords, truncate
 from ..parallel.feeder import Feeder
 from ..parallel.workers import check_priority
@@ -73,32 +74,6 @@ class _Carry:
 _OPTIONS = ("indices", "shuffle", "seed", "augment", "mask_mode", "num_classes", "normalize", "window",
             "drop_remainder", "shard", "window_chunks", "workers", "use_multiprocessing",
             "max_queue_size", "start_method", "keep_alive", "worker_priority")
-
-
-def split(store: Store | str | os.PathLike, val_fraction: float = 0.2, seed: int = 0
-          ) -> tuple[np.ndarray, np.ndarray]:
-    """Disjoint train / validation sample indices.
-
-    Parameters
-    ----------
-    store : Store or path
-        The store (or its path) to split.
-    val_fraction : float
-        Share of samples for validation, in ``(0, 1)``.
-    seed : int
-        Seed of the random split.
-
-    Returns
-    -------
-    train, val : numpy.ndarray
-        Sorted int64 index arrays, disjoint, together covering every sample.
-    """
-    if not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
-        raise OptionError(f"val_fraction must be in (0, 1). Received: val_fraction={truncate(val_fraction)}")
-    n = len(store if isinstance(store, Store) else open_store(store))
-    n_val = min(n - 1, max(1, round(n * val_fraction)))
-    perm = np.random.default_rng([seed, 0x5B117]).permutation(n)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
 class SegmentationDataset(PyDataset, KerasAdapterMixin, ResumeMixin, _DataAdapter):  # type: ignore[misc,valid-type]
@@ -202,13 +177,25 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, ResumeMixin, _DataAdapte
         o: dict[str, Any] = {name: given[name] for name in _OPTIONS}
         super().__init__(workers=o["workers"], use_multiprocessing=o["use_multiprocessing"],
                          max_queue_size=o["max_queue_size"])
-        self.store = (store if isinstance(store, Store) else open_store(store)).with_verify_reads(verify_reads)
+        if not isinstance(store, Store):
+            store = open_store(store) if isinstance(store, (str, os.PathLike)) else store
+            if getattr(store, "layout", None) == "volumes":
+                raise OptionError(f"{store.path} is a --layout volumes store (one 3D entry per case): train on it "
+                                  "with PatchDataset, or convert with --layout slices for SegmentationDataset. "
+                                  "Received: a VolumeStore")
+            if not isinstance(store, Store):
+                raise OptionError(f"store must be a Store or the path of one. Received: {truncate(store)}")
+        self.store = store.with_verify_reads(verify_reads)
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise OptionError(f"batch_size must be a positive integer. Received: batch_size={truncate(batch_size)}")
         self.batch_size_value = int(batch_size)
         self._init_order(o)
         self._init_batches(o)
         self._init_workers(o)
+        self._init_state()
+
+    def _init_state(self) -> None:
+        """Epoch, position and pass bookkeeping of a new dataset (shared with PatchDataset)."""
         self._epoch = 0
         self._epoch_used = False
         self._next_batch = self._start_at = 0  # position in the epoch; where load_state resumes
@@ -272,6 +259,8 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, ResumeMixin, _DataAdapte
         if not isinstance(num_classes, (int, np.integer)) or num_classes < 1 or num_classes > 256:
             raise OptionError(f"num_classes must be an integer in [1, 256]. Received: {truncate(num_classes)}")
         augment = Augment.from_config(o["augment"])
+        if augment is not None:
+            augment.check_2d()  # dflip / rot90_plane are for PatchDataset
         if augment is not None and augment.is_identity:
             augment = None
         self.options = BatchOptions(seed=self.seed, augment=augment, mask_mode=o["mask_mode"],
