@@ -24,15 +24,15 @@ from ..errors import InputError, LabelError, OptionError, truncate
 __all__ = ["Augment", "PRESETS"]
 
 _DEFAULTS: dict[str, Any] = {
-    "hflip": 0.0, "vflip": 0.0, "rot90": 0.0, "rotate": 0.0, "scale": (1.0, 1.0),
-    "translate": 0.0, "shear": 0.0, "elastic": 0.0, "elastic_alpha": 30.0,
+    "hflip": 0.0, "vflip": 0.0, "dflip": 0.0, "rot90": 0.0, "rot90_plane": "xy", "rotate": 0.0,
+    "scale": (1.0, 1.0), "translate": 0.0, "shear": 0.0, "elastic": 0.0, "elastic_alpha": 30.0,
     "elastic_sigma": 6.0, "crop": None, "brightness": 0.0, "contrast": 0.0,
     "gamma": (1.0, 1.0), "noise": 0.0, "blur": 0.0, "p_photometric": 1.0,
     "fill_value": 0.0, "fill_label": 0,
 }
 _P, _U, _NN = "a probability in [0, 1]", "in [0, 1]", "a number >= 0"
 _SCALARS = {  # name -> (what it must be, upper bound); all must be >= 0
-    "hflip": (_P, 1.0), "vflip": (_P, 1.0), "rot90": (_P, 1.0), "elastic": (_P, 1.0),
+    "hflip": (_P, 1.0), "vflip": (_P, 1.0), "dflip": (_P, 1.0), "rot90": (_P, 1.0), "elastic": (_P, 1.0),
     "p_photometric": (_P, 1.0), "translate": (_U, 1.0), "brightness": (_U, 1.0),
     "contrast": (_U, 1.0), "noise": (_NN, math.inf), "blur": (_NN, math.inf),
     "elastic_alpha": (_NN, math.inf), "rotate": ("in [0, 180] degrees", 180.0),
@@ -50,6 +50,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 """Named configurations accepted by :meth:`Augment.preset` (name -> options)."""
 
+_PLANES_3D = ("xy", "xz", "yz", "any")  # rot90_plane values (3D patches only)
 _PHOTO = ("brightness", "contrast", "gamma", "blur", "noise")  # photometric params
 _CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)   # aspect-ratio jitter of the random resized crop
 _N_DRAWS = 24                          # uniforms drawn per sample (fixed slots)
@@ -84,6 +85,9 @@ def _validate(options: dict[str, Any]) -> dict[str, Any]:
         v = out[name] = _real(name, raw)
         if v < 0 or v > high or (v == high and name == "shear") or (v == 0 and name == "elastic_sigma"):
             raise OptionError(f"Augment option {name!r} must be {what}. Received: {truncate(raw)}")
+    if not isinstance(out["rot90_plane"], str) or out["rot90_plane"] not in _PLANES_3D:
+        raise OptionError(f"Augment option 'rot90_plane' must be one of {list(_PLANES_3D)}. "
+                          f"Received: {truncate(out['rot90_plane'])}")
     out["scale"], out["gamma"] = _pair("scale", out["scale"]), _pair("gamma", out["gamma"])
     if out["crop"] is not None:
         out["crop"] = _pair("crop", out["crop"], 1.0)
@@ -127,6 +131,10 @@ class Augment:
     hflip, vflip, rot90 : float
         Probabilities of a horizontal flip, a vertical flip and a 90/180/270-degree
         turn (equally likely). Non-square images only get 180-degree turns.
+    dflip, rot90_plane : float, str
+        3D patches only (``PatchDataset``; see ``augment3d``): probability of a flip
+        along Z, and the plane of 90-degree turns: ``'xy'``, ``'xz'``, ``'yz'`` or
+        ``'any'`` (one of the three per patch). 2D datasets refuse them (:meth:`check_2d`).
     rotate : float
         Maximum rotation in degrees; the angle is uniform in ``[-rotate, rotate]``.
     scale : tuple of float
@@ -174,7 +182,8 @@ class Augment:
     integers; less memory traffic) unless ``fill_value`` does not fit it.
     """
 
-    def __init__(self, *, hflip: float = 0.0, vflip: float = 0.0, rot90: float = 0.0,
+    def __init__(self, *, hflip: float = 0.0, vflip: float = 0.0, dflip: float = 0.0,
+                 rot90: float = 0.0, rot90_plane: str = "xy",
                  rotate: float = 0.0, scale: tuple[float, float] = (1.0, 1.0),
                  translate: float = 0.0, shear: float = 0.0, elastic: float = 0.0,
                  elastic_alpha: float = 30.0, elastic_sigma: float = 6.0,
@@ -225,7 +234,7 @@ class Augment:
 
     @property
     def _geometric(self) -> bool:
-        return bool(self.hflip or self.vflip or self.rot90 or self.rotate or self.translate
+        return bool(self.hflip or self.vflip or self.dflip or self.rot90 or self.rotate or self.translate
                     or self.shear or self.elastic or self.scale != (1.0, 1.0)
                     or (self.crop is not None and self.crop != (1.0, 1.0)))
 
@@ -238,6 +247,14 @@ class Augment:
     def is_identity(self) -> bool:
         """True when no option can change an image or a mask."""
         return not (self._geometric or self._photometric)
+
+    def check_2d(self) -> None:
+        """Raise OptionError if a 3D-only option is set (2D datasets call this once)."""
+        for name, default in (("dflip", 0.0), ("rot90_plane", "xy")):
+            if getattr(self, name) != default:
+                raise OptionError(f"Augment option {name!r} applies to 3D patches (PatchDataset) only; 2D "
+                                  f"images have no Z axis. Leave it at {default!r} for 2D datasets. "
+                                  f"Received: {name}={getattr(self, name)!r}")
 
     # ------------------------------------------------------------------ sample
     def sample(self, rng: np.random.Generator, shape: tuple[int, int]) -> dict[str, Any]:

@@ -333,6 +333,10 @@ class PatchDataset(SegmentationDataset):
                 or not np.isfinite(pad_value):
             raise OptionError(f"pad_value must be a finite number. Received: pad_value={truncate(pad_value)}")
         aug = Augment.from_config(augment)
+        if aug is not None:
+            from .augment3d import check_3d
+
+            check_3d(aug)  # shear / crop have no 3D meaning here
         if aug is not None and aug.is_identity:
             aug = None
         self.options = BatchOptions(seed=self.seed, augment=aug, mask_mode=mask_mode,
