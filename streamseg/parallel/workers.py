@@ -7,6 +7,7 @@ worker's death reads as EOF on its pipe.  Thread workers fill aligned NumPy slot
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import pickle
@@ -152,6 +153,10 @@ def _process_worker(producer: Any, shm_names: list[str], fields: Fields, rows: i
                     stop: Any, conn: Any, poll: float, priority: str = "normal") -> None:
     """Main loop of a worker process: take a task, fill its slot, send ``(ticket, n)``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process' business
+    # What a forked worker inherited stays out of the garbage collector: a full collection
+    # would write into every inherited object and copy its pages (measured: +70 MiB per
+    # worker over a 100-case PatchDataset epoch, benchmarks/RESULTS.md section 11).
+    gc.freeze()
     _apply_priority(priority)
     _fresh_fork_locks()
     parent, ppid = mp.parent_process(), os.getppid()

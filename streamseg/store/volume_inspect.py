@@ -44,7 +44,7 @@ def volume_store_info(root: Path, meta: dict[str, Any]) -> dict[str, Any]:
         "labels": {k: {"voxels": v, "fraction": v / voxels} for k, v in meta["labels"].items()},
         "raw_bytes": raw, "disk_bytes": disk, "compression_ratio": raw / disk if disk else None,
         "first_cases": [c["name"] for c in cases[:3]], "patch_reads": meta.get("patch_reads"),
-        "read_checks": ("every chunk file read, crc32" if meta["backend"] == "zarr"
+        "read_checks": ("each chunk file once per process and file version, crc32" if meta["backend"] == "zarr"
                         else "every X slab once per process, crc32"),
         "warnings": [],
     }

@@ -11,6 +11,7 @@ May import: :mod:`streamseg.errors`.
 from __future__ import annotations
 
 import os
+import threading
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 
 from ..errors import CorruptChunkError, CorruptStoreError, OptionError, truncate
 from .layout import load_manifest
-from .volume_layout import case_dir, chunk_file, chunk_grid
+from .volume_layout import case_dir
 
 __all__ = ["VolumeStore"]
 
@@ -33,8 +34,9 @@ class VolumeStore:
     path : path
         The store directory.
     verify_reads : bool
-        Check every chunk file read against its recorded crc32 (zarr backend; about 1%
-        of a decode) or every X slab once per process (memmap backend).
+        Check chunk files against their recorded crc32 (zarr backend) the first time this
+        process reads them and again whenever a file changes (inode, size or modification
+        time), as the 2D store does; every X slab once per process (memmap backend).
 
     Attributes
     ----------
@@ -70,6 +72,9 @@ class VolumeStore:
         self._checked_slabs: set[tuple[int, int]] = set()
         self._checked_meta: set[int] = set()
         self._decoder: Any = None
+        self._chunk_voxels = int(np.prod(self.chunk_shape))
+        self._local = threading.local()  # per-thread decode buffers
+        self._verified: dict[int, np.ndarray] = {}  # case -> identity of each chunk file checked
         self.read_stats = {"boxes": 0, "chunks": 0, "bytes_read": 0, "voxels_decoded": 0}
 
     # ------------------------------------------------------------------ pickling (workers)
@@ -195,36 +200,60 @@ class VolumeStore:
             self._fill_memmap(k, lo, hi, image, mask)
             return
         cs = self.chunk_shape
-        grid = chunk_grid(self.shape(k), cs)
-        ranges = [range(a // c, (b - 1) // c + 1) for a, b, c in zip(lo, hi, cs)]
         table = self._table(k) if self.verify_reads else None
+        base = os.path.join(str(case_dir(self.path, k)), "")
+        axes = []  # per axis: (chunk index, source slice, destination slice) of every chunk touched
+        for a, b, c in zip(lo, hi, cs):
+            axes.append([(i, slice(max(a, i * c) - i * c, min(b, (i + 1) * c) - i * c),
+                          slice(max(a, i * c) - a, min(b, (i + 1) * c) - a)) for i in range(a // c, (b - 1) // c + 1)])
         for ai, (name, out) in enumerate((("image", image), ("mask", mask))):
-            dtype = self.image_dtype if name == "image" else self.mask_dtype
-            full = (*cs, self.channels) if name == "image" else cs
-            for index in np.ndindex(*(len(r) for r in ranges)):
-                cidx = tuple(r[j] for r, j in zip(ranges, index))
-                block = self._decode(k, name, cidx, full, dtype, None if table is None else int(table[(ai, *cidx)]),
-                                     grid)
-                src, dst = [], []
-                for a, b, c, ci in zip(lo, hi, cs, cidx):
-                    s0, s1 = max(a, ci * c), min(b, (ci + 1) * c)
-                    src.append(slice(s0 - ci * c, s1 - ci * c))
-                    dst.append(slice(s0 - a, s1 - a))
-                out[tuple(dst)] = block[tuple(src)]
+            buf = self._scratch(name)
+            crcs = None if table is None else table[ai]
+            suffix = "/0" if name == "image" else ""
+            for ix, sx, dx in axes[0]:
+                for iy, sy, dy in axes[1]:
+                    for iz, sz, dz in axes[2]:
+                        path = f"{base}{name}/c/{ix}/{iy}/{iz}{suffix}"
+                        self._decode_into(k, name, (ix, iy, iz), path, buf,
+                                          None if crcs is None else int(crcs[ix, iy, iz]))
+                        out[dx, dy, dz] = buf[sx, sy, sz]
 
-    def _decode(self, k: int, name: str, cidx: tuple[int, ...], full: tuple[int, ...], dtype: np.dtype,
-                crc: int | None, grid: tuple[int, ...]) -> np.ndarray:
-        path = chunk_file(self.path, k, name, cidx)
-        where = f"Chunk {cidx} of case {k} ({self.cases[k]['name']!r}, {name}) in {self.path}"
+    def _scratch(self, name: str) -> np.ndarray:
+        """A per-thread buffer of one decoded chunk of ``name`` (reused: no allocation per chunk)."""
+        local = self._local
+        buf = getattr(local, name, None)
+        if buf is None:
+            dtype = (self.image_dtype if name == "image" else self.mask_dtype).newbyteorder("<")
+            shape = (*self.chunk_shape, self.channels) if name == "image" else self.chunk_shape
+            buf = np.empty(shape, dtype)
+            setattr(local, name, buf)
+        return buf
+
+    def _decode_into(self, k: int, name: str, cidx: tuple[int, int, int], path: str, out: np.ndarray,
+                     crc: int | None) -> None:
+        """Read chunk file ``path``, check its crc32 and decode it into ``out``."""
+        limit = out.nbytes + 4096  # Blosc's header and a little slack: anything larger is damaged
         try:
-            with open(path, "rb") as fh:
-                raw = fh.read()
+            fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
-            raise CorruptChunkError(f"{where} is missing ({path}); the store is damaged: re-convert it.") from None
-        if crc is not None and zlib.crc32(raw) != crc:
-            raise CorruptChunkError(f"{where} does not match its checksum ({path}); the store is damaged: "
-                                    "re-convert it.")
-        out = np.empty(full, dtype.newbyteorder("<"))
+            raise CorruptChunkError(f"{self._where(k, name, cidx)} is missing ({path}); the store is damaged: "
+                                    "re-convert it.") from None
+        try:
+            raw = os.read(fd, limit + 1)
+            if crc is not None:  # checked once per process and file version, like the 2D store
+                st = os.fstat(fd)
+                seen = self._verified.get(k)
+                if seen is None:
+                    seen = self._verified[k] = np.zeros((2, *self._table(k).shape[1:]), np.uint64)
+                ident = hash((st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)) & 0x7FFF_FFFF_FFFF_FFFF | 1
+                at = (0 if name == "image" else 1, *cidx)
+                if int(seen[at]) == ident:
+                    crc = None
+        finally:
+            os.close(fd)
+        if (crc is not None and zlib.crc32(raw) != crc) or len(raw) > limit:
+            raise CorruptChunkError(f"{self._where(k, name, cidx)} does not match its checksum ({path}); the "
+                                    "store is damaged: re-convert it.")
         try:
             if self.meta.get("compressor", "none") != "none":
                 if self._decoder is None:
@@ -235,12 +264,17 @@ class VolumeStore:
             else:
                 out.reshape(-1).view(np.uint8)[:] = np.frombuffer(raw, np.uint8)
         except Exception as exc:  # blosc raises RuntimeError on garbage, numpy ValueError on size
-            raise CorruptChunkError(f"{where} cannot be decoded ({exc}); re-convert the store.") from None
+            raise CorruptChunkError(f"{self._where(k, name, cidx)} cannot be decoded ({exc}); re-convert the "
+                                    "store.") from None
+        if crc is not None:
+            seen[at] = ident
         stats = self.read_stats
         stats["chunks"] += 1
         stats["bytes_read"] += len(raw)
-        stats["voxels_decoded"] += int(np.prod(full[:3]))
-        return out
+        stats["voxels_decoded"] += self._chunk_voxels
+
+    def _where(self, k: int, name: str, cidx: tuple[int, int, int]) -> str:
+        return f"Chunk {cidx} of case {k} ({self.cases[k]['name']!r}, {name}) in {self.path}"
 
     def _table(self, k: int) -> np.ndarray:
         table = self._tables.get(k)
