@@ -113,13 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=None, help="scans (default 300) or volumes (default 8)")
     p.add_argument("--size", type=int, default=None, help="image side (default 128; volumes: 96)")
     p.add_argument("--volumes", action="store_true",
-                   help="CT-like NIfTI volumes, converted to axial slices (2.5D, context 1)")
-    p.add_argument("--epochs", type=int, default=2)
+                   help="CT-like NIfTI volumes: axial slices (2.5D, context 1) for a 2D U-Net, then the "
+                   "volumes whole (--layout volumes) for a few steps of a 3D U-Net on patches and a "
+                   "sliding-window prediction of a held-out case (NIfTI)")
+    p.add_argument("--epochs", type=int, default=2, help="training epochs (default 2; both models with --volumes)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--no-train", action="store_true", help="stop after convert and info")
+    p.add_argument("--no-train", action="store_true", help="stop after convert and info (both stores with --volumes)")
 
-    p = sub.add_parser("bench", help="measure the input pipeline feeding model.fit")
+    p = sub.add_parser("bench", help="measure the input pipeline feeding model.fit (2D samples, or 3D "
+                       "patches of a volume store)")
     from .bench.cli import add_bench_arguments
 
     add_bench_arguments(p)

@@ -3,6 +3,10 @@
 ``streamseg demo --volumes`` does the same with CT-like NIfTI volumes: converted to axial
 slices with one neighbouring slice on each side (2.5D), split by case, normalised with
 nnU-Net's CT scheme (``normalize="ct"``), and previewed as ground truth next to prediction.
+The same volumes are also converted whole (``layout="volumes"``, 3D chunks), a small 3D U-Net
+trains for a few steps on foreground-oversampled patches (:class:`~streamseg.pipeline.patches.PatchDataset`),
+and a held-out case is segmented by sliding-window inference
+(:func:`~streamseg.pipeline.predict.predict_volume`), written as NIfTI and scored (Dice).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from .io.synth import write_synth_folder
 from .io.synth_volumes import write_synth_volumes
 from .native_stderr import load_tensorflow_quietly
 
-__all__ = ["run_demo", "run_volume_demo", "preview_grid"]
+__all__ = ["run_demo", "run_volume_demo", "run_patch_demo", "preview_grid", "dice_scores"]
 
 _COLOURS = np.array([[0, 0, 0], [40, 90, 255], [40, 230, 40], [255, 40, 200], [255, 200, 0],
                      [200, 0, 255], [0, 220, 220], [255, 128, 0]], np.float32)
@@ -120,6 +124,11 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 #: Volume demo: voxels per synthetic volume (X, Y; Z below), its voxel size, 2.5D context.
 _VOLUME_SIDE, _VOLUME_SLICES, _VOLUME_SPACING, _CONTEXT = 96, 48, (1.0, 1.0, 2.5), 1
 _HU_WINDOW = (-160.0, 240.0)  # abdominal soft-tissue window, for the preview only
+#: 3D part: patch (X, Y, Z; smaller for --size below 32), patches per batch and per case per
+#: epoch, foreground share, learning rate (10x small_unet3d's: a few steps must show something),
+#: overlap and batch of the sliding window.
+_PATCH, _PATCH_BATCH, _PATCH_SAMPLES, _PATCH_FOREGROUND, _PATCH_LR = (32, 32, 16), 2, 4, 0.5, 1e-2
+_PREDICT_OVERLAP, _PREDICT_BATCH = 0.25, 8
 
 
 def _case_split(store: Any, val_fraction: float = 0.25, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -135,26 +144,33 @@ def _case_split(store: Any, val_fraction: float = 0.25, seed: int = 0) -> tuple[
 
 
 def run_volume_demo(args: argparse.Namespace) -> dict[str, Any]:
-    """``streamseg demo --volumes``: CT-like volumes -> axial 2.5D slices -> U-Net -> preview."""
+    """``streamseg demo --volumes``: CT-like volumes -> axial 2.5D slices -> U-Net -> preview, then
+    the volumes whole -> 3D patches -> small 3D U-Net -> sliding-window prediction (:func:`run_patch_demo`)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    files, store_path = out / "volumes", out / "volumes.zarr"
+    files, store_path, volume_path = out / "volumes", out / "volumes.zarr", out / "volumes-3d.zarr"
     count = 8 if args.count is None else args.count
     side = _VOLUME_SIDE if args.size is None else args.size
     shape = (side, side, _VOLUME_SLICES)
-    print(f"[1/4] synthesising {count} CT-like volumes ({'x'.join(map(str, shape))} voxels of "
+    print(f"[1/7] synthesising {count} CT-like volumes ({'x'.join(map(str, shape))} voxels of "
           f"{'x'.join(f'{v:g}' for v in _VOLUME_SPACING)} mm, HU) into {files}")
     write_synth_volumes(files, count, shape=shape, spacing=_VOLUME_SPACING, classes=3, seed=0, progress=None)
-    print(f"[2/4] converting axial slices (context {_CONTEXT}: {2 * _CONTEXT + 1} slices per sample) "
+    print(f"[2/7] converting axial slices (context {_CONTEXT}: {2 * _CONTEXT + 1} slices per sample) "
           f"to the zarr store {store_path}")
     size = None if side % 4 == 0 else (side // 4 * 4,) * 2  # the U-Net halves the side twice
     store = convert(files, store_path, format="zarr", axis="axial", context=_CONTEXT, size=size,
                     workers=min(2, args.workers or 1), overwrite=True)
     print(format_info(store_info(store_path)))
     print("\n".join(volume_lines(volume_summary(store.meta) or {})))
+    print(f"[3/7] converting the volumes whole (layout 'volumes', 3D chunks) to the zarr store {volume_path}")
+    volume_store = convert(files, volume_path, format="zarr", layout="volumes", workers=min(2, args.workers or 1),
+                           overwrite=True, progress=False)
+    vinfo = store_info(volume_path)
+    print(f"volume store: {len(volume_store)} cases, chunks {' x '.join(map(str, volume_store.chunk_shape))} "
+          f"voxels, {_mib(vinfo['disk_bytes'])} on disk ({_mib(vinfo['raw_bytes'])} raw)")
     if args.no_train:
         return {}
-    print(f"[3/4] training a small U-Net on the slices for {args.epochs} epochs, workers={args.workers}, "
+    print(f"[4/7] training a small U-Net on the slices for {args.epochs} epochs, workers={args.workers}, "
           "normalize='ct', cases split between training and validation")
     print(load_tensorflow_quietly())  # before Keras loads: TensorFlow's C++ start-up lines hidden
     from .pipeline.augment import Augment
@@ -175,10 +191,97 @@ def run_volume_demo(args: argparse.Namespace) -> dict[str, Any]:
     samples = len(train_idx) * args.epochs
     print(f"trained on {samples} slices in {elapsed:.1f}s: {samples / elapsed:.1f} slices/s "
           f"(model compute included); final loss {history.history['loss'][-1]:.4f}")
-    print("[4/4] saving a preview of validation slices: ground truth (left) and prediction (right)")
+    print("[5/7] saving a preview of validation slices: ground truth (left) and prediction (right)")
     path = _volume_preview(store, val_idx, model, out / "preview.png")
     print(f"preview: {path} (CT window {_HU_WINDOW[0]:g}..{_HU_WINDOW[1]:g} HU)")
-    return {"slices_per_s": samples / elapsed, "elapsed_s": elapsed, "loss": history.history["loss"][-1]}
+    result = {"slices_per_s": samples / elapsed, "elapsed_s": elapsed, "loss": history.history["loss"][-1]}
+    result.update(run_patch_demo(volume_store, out, epochs=args.epochs, workers=args.workers, steps=(6, 7)))
+    return result
+
+
+def dice_scores(prediction: np.ndarray, truth: np.ndarray) -> dict[int, float]:
+    """Dice ``2 |P & T| / (|P| + |T|)`` of every foreground label in either volume."""
+    labels = np.union1d(np.unique(prediction), np.unique(truth))
+    out = {}
+    for k in (int(v) for v in labels if v != 0):
+        p, t = prediction == k, truth == k
+        out[k] = float(2.0 * np.count_nonzero(p & t) / (np.count_nonzero(p) + np.count_nonzero(t)))
+    return out
+
+
+def _ct_function(options: Any) -> Any:
+    """The PatchDataset's ``normalize="ct"`` as a function for :func:`predict_volume`."""
+    lo, hi = (np.asarray(v, np.float32) for v in options.clip_in)
+    offset, scale = np.asarray(options.image_offset, np.float32), np.asarray(options.image_scale, np.float32)
+
+    def normalize(image: np.ndarray) -> np.ndarray:
+        return (np.clip(image, lo, hi) - offset) * scale
+
+    return normalize
+
+
+def run_patch_demo(store: Any, out: Path, *, epochs: int = 2, workers: int = 2,
+                   steps: tuple[int, int] = (1, 2)) -> dict[str, Any]:
+    """Train ``small_unet3d`` briefly on patches of a volume store, then segment a held-out case.
+
+    Parameters
+    ----------
+    store : VolumeStore
+        A ``layout="volumes"`` store of CT volumes (converted from files it can still read).
+    out : path
+        Folder of the prediction ``<case>_prediction.nii.gz``.
+    epochs, workers : int
+        Training epochs (of ``cases * 4`` patches) and PatchDataset worker processes.
+    steps : (int, int)
+        Step numbers printed for training and prediction, out of ``steps[1]``.
+
+    Returns
+    -------
+    dict
+        ``patches_per_s`` (model compute included), ``patch_loss``, ``prediction`` (path) and
+        ``dice`` (label -> Dice of the held-out case).
+    """
+    from .io.volumes import read_volume
+    from .models import small_unet3d
+    from .pipeline.patches import PatchDataset
+    from .pipeline.predict import predict_volume
+
+    n = len(store)
+    held_out = n - 1
+    train_cases = np.arange(n - 1 if n > 1 else n)
+    side = min(min(store.shape(i)[:2]) for i in range(n))
+    patch = tuple(min(p, max(4, side // 4 * 4)) for p in _PATCH[:2]) + (_PATCH[2],)
+    size = "x".join(map(str, patch))
+    print(f"[{steps[0]}/{steps[1]}] training a small 3D U-Net (small_unet3d) on {size} patches of {len(train_cases)} "
+          f"case(s) for {epochs} epochs: batch {_PATCH_BATCH}, {_PATCH_SAMPLES} patches per case per epoch, "
+          f"{_PATCH_FOREGROUND:.0%} centred on foreground, normalize='ct', workers={workers}")
+    train = PatchDataset(store, _PATCH_BATCH, patch, samples_per_volume=_PATCH_SAMPLES,
+                         foreground_fraction=_PATCH_FOREGROUND, cases=train_cases, normalize="ct",
+                         workers=workers, use_multiprocessing=workers > 0)
+    model = small_unet3d((*patch, store.channels), train.num_classes)
+    model.optimizer.learning_rate = _PATCH_LR
+    with train:
+        t0 = time.perf_counter()
+        history = model.fit(train, epochs=epochs, verbose=2)
+        elapsed = time.perf_counter() - t0
+    patches = len(train_cases) * _PATCH_SAMPLES * epochs
+    loss = float(history.history["loss"][-1])
+    print(f"trained on {patches} patches in {elapsed:.1f}s: {patches / elapsed:.1f} patches/s "
+          f"(model compute included); final loss {loss:.4f}")
+    case = store.case(held_out)
+    which = "held out of training" if n > 1 else "the training case: only one"
+    print(f"[{steps[1]}/{steps[1]}] sliding-window prediction of {case['name']} ({which}), {size} patches, "
+          f"overlap {_PREDICT_OVERLAP:g}, Gaussian blending")
+    path = Path(out) / f"{case['name']}_prediction.nii.gz"
+    t0 = time.perf_counter()
+    seg = predict_volume(model, case["image"], patch, overlap=_PREDICT_OVERLAP, batch_size=_PREDICT_BATCH,
+                         normalize=_ct_function(train.options), output=path)
+    took = time.perf_counter() - t0
+    dice = dice_scores(seg.array, read_volume(case["mask"]).array)
+    shown = ", ".join(f"label {k} {v:.2f}" for k, v in dice.items()) or "no foreground"
+    print(f"prediction: {path} ({'x'.join(map(str, seg.array.shape))} labels, the case's affine) in {took:.1f}s; "
+          f"Dice vs its label: {shown} (after {len(train) * epochs} training steps)")
+    return {"patches_per_s": patches / elapsed, "patch_loss": loss, "prediction": str(path), "dice": dice}
 
 
 def _volume_preview(store: Any, val_idx: np.ndarray, model: Any, path: Path, *, rows: int = 4) -> Path:

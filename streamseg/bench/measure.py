@@ -26,8 +26,8 @@ a warm-up, from the end of the last warm-up step to the end of the last measured
 - **CPU** utilisation of the machine, and **GPU** utilisation and (device-wide) memory used
   through NVML when a GPU is there, else the string ``"n/a"``.
 
-``streamseg bench STORE`` wraps this for a store, optionally in a child process under a memory
-cap (cgroup v2 or ``systemd-run``), reported as applied or not with the reason.
+``streamseg bench STORE`` wraps this for a store (a volume store: :mod:`.patches`), optionally in a
+child process under a memory cap (cgroup v2 or ``systemd-run``), reported as applied or not with the reason.
 """
 
 from __future__ import annotations
@@ -400,6 +400,8 @@ def _child_argv(args: argparse.Namespace, json_path: str) -> list[str]:
             "--step-ms", str(args.step_ms), "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--batch-size", str(args.batch_size), "--augment", str(args.augment), "--workers",
             str(args.workers), "--shuffle", args.shuffle, "--worker-priority", _priority(args), "--json", json_path]
+    if getattr(args, "patch_size", None) is not None:  # settled for volume stores only
+        argv += ["--patch-size", *map(str, args.patch_size), "--samples-per-volume", str(args.samples_per_volume)]
     return argv + (["--threads"] if args.threads else [])
 
 
@@ -438,6 +440,10 @@ def format_result(r: dict[str, Any]) -> str:
     if cap:
         state = f"applied: {cap['how']}" if cap["applied"] else f"NOT applied: {cap['why_not']}"
         rows.append(("memory cap", f"{cap['requested']} {state}"))
+    if s.get("layout") == "volumes":  # PatchDataset: cases, patches
+        from .patches import volume_rows
+
+        rows = volume_rows(r, rows)
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -449,6 +455,10 @@ def _measure_store(args: argparse.Namespace, device: str | None = None) -> dict[
     from ..store.reader import open_store
 
     store = open_store(args.store)
+    if getattr(store, "layout", None) == "volumes":
+        from .patches import measure_volume_store
+
+        return measure_volume_store(args, store, device)
     info = store_info(args.store)
     augment = None if args.augment == "none" else args.augment
     normalize = default_normalize(store)  # "unit" for uint8/uint16; int16/float32: "ct" or "standardize"
@@ -475,6 +485,9 @@ def _measure_store(args: argparse.Namespace, device: str | None = None) -> dict[
 
 def run_bench_cli(args: argparse.Namespace) -> int:
     """Run ``streamseg bench`` for parsed arguments (see :mod:`streamseg.bench.cli`)."""
+    from .patches import resolve_store_options
+
+    resolve_store_options(args)  # layout-dependent options (patches of a volume store) and defaults
     for name, low in (("steps", 1), ("warmup", 0), ("batch_size", 1), ("workers", 0)):
         _check_int("--" + name.replace("_", "-"), getattr(args, name), low)
     if not args.step_ms >= 0:
