@@ -269,14 +269,20 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, ResumeMixin, _DataAdapte
         self.mask_mode = o["mask_mode"]
         self.num_classes = int(num_classes)
 
-    def _init_workers(self, o: dict[str, Any]) -> None:
-        workers, mp_flag, queue = o["workers"], o["use_multiprocessing"], o["max_queue_size"]
-        if not isinstance(workers, (int, np.integer)) or workers < 0:
+    @staticmethod
+    def _worker_priority(o: dict[str, Any]) -> str:
+        """Check the worker options (shared with PatchDataset); return the worker priority."""
+        workers, queue = o["workers"], o["max_queue_size"]
+        if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 0:
             raise OptionError(f"workers must be a non-negative integer. Received: workers={truncate(workers)}")
-        if not isinstance(queue, (int, np.integer)) or queue < 1:
+        if isinstance(queue, bool) or not isinstance(queue, (int, np.integer)) or queue < 1:
             raise OptionError(f"max_queue_size must be a positive integer. Received: {truncate(queue)}")
         validate_choice("start_method", o["start_method"], (None, "fork", "forkserver", "spawn"))
-        priority = check_priority(o.get("worker_priority", "normal"), bool(mp_flag))
+        return check_priority(o.get("worker_priority", "normal"), bool(o["use_multiprocessing"]))
+
+    def _init_workers(self, o: dict[str, Any]) -> None:
+        workers, mp_flag, queue = o["workers"], o["use_multiprocessing"], o["max_queue_size"]
+        priority = self._worker_priority(o)
         h, w, c = self.store.image_shape
         b = self.batch_size_value
         slots = {"images": ((b, h, w, c), np.dtype(np.float32)), "masks": self.options.mask_spec(b, h, w)}

@@ -26,7 +26,6 @@ from numpy.typing import ArrayLike
 
 from ..errors import LabelError, OptionError, reject_unknown_keywords, truncate
 from ..parallel.feeder import Feeder
-from ..parallel.workers import check_priority
 from ..store.volume_reader import VolumeStore
 from .augment import Augment
 from .batches import MASK_MODES, BatchOptions, BatchProducer, sample_rng, validate_choice
@@ -346,12 +345,7 @@ class PatchDataset(SegmentationDataset):
 
     def _init_workers(self, o: dict[str, Any]) -> None:
         workers, mp_flag, queue = o["workers"], o["use_multiprocessing"], o["max_queue_size"]
-        if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 0:
-            raise OptionError(f"workers must be a non-negative integer. Received: workers={truncate(workers)}")
-        if isinstance(queue, bool) or not isinstance(queue, (int, np.integer)) or queue < 1:
-            raise OptionError(f"max_queue_size must be a positive integer. Received: {truncate(queue)}")
-        validate_choice("start_method", o["start_method"], (None, "fork", "forkserver", "spawn"))
-        priority = check_priority(o.get("worker_priority", "normal"), bool(mp_flag))
+        priority = self._worker_priority(o)
         slots = {"images": ((self.batch_size_value, *self.patch_size, self.store.channels), np.dtype(np.float32)),
                  "masks": self._mask_spec()}
         producer = PatchProducer(self.store, self.options, self.patch_size, self.class_weights, self.pad_value)

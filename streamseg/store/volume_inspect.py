@@ -5,7 +5,6 @@ May import: :mod:`streamseg.errors`, :mod:`streamseg.progress`.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,20 +12,10 @@ import numpy as np
 
 from ..errors import StreamsegError
 from ..progress import Progress
+from .inspect import _disk_bytes
 from .volume_layout import CASES_DIR
 
 __all__ = ["volume_store_info", "format_volume_info", "verify_volume_store"]
-
-
-def _disk_bytes(path: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(root, name)).st_blocks * 512
-            except OSError:
-                pass
-    return total
 
 
 def volume_store_info(root: Path, meta: dict[str, Any]) -> dict[str, Any]:

@@ -58,15 +58,16 @@ class VolumeStore:
         if self.meta.get("layout") != "volumes":
             raise OptionError(f"{self.path} is a 2D store (one sample per slice or image); open it with "
                               f"open_store / Store. Received: layout={self.meta.get('layout', 'samples')!r}")
+        self._reset()
+
+    def _reset(self) -> None:
+        """Derive the attributes from the manifest and start with empty per-process caches."""
         self.backend = self.meta["backend"]
         self.chunk_shape = tuple(int(v) for v in self.meta["chunk_shape"])
         self.image_dtype = np.dtype(self.meta["image_dtype"])
         self.mask_dtype = np.dtype(self.meta["mask_dtype"])
         self.channels = int(self.meta["channels"])
         self.cases = self.meta["cases"]
-        self._reset()
-
-    def _reset(self) -> None:
         self._tables: dict[int, np.ndarray] = {}
         self._mm: dict[tuple[int, str], np.ndarray] = {}
         self._checked_slabs: set[tuple[int, int]] = set()
@@ -85,12 +86,6 @@ class VolumeStore:
         self.path = Path(state["path"])
         self.verify_reads = state["verify_reads"]
         self.meta = state["meta"]
-        self.backend = self.meta["backend"]
-        self.chunk_shape = tuple(int(v) for v in self.meta["chunk_shape"])
-        self.image_dtype = np.dtype(self.meta["image_dtype"])
-        self.mask_dtype = np.dtype(self.meta["mask_dtype"])
-        self.channels = int(self.meta["channels"])
-        self.cases = self.meta["cases"]
         self._reset()
 
     # ------------------------------------------------------------------ description
