@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -346,20 +343,3 @@ def test_workers_read_each_case_once_and_match_one_worker(synth: Path, tmp_path:
         a = sorted(p.relative_to(tmp_path / "w1") for p in (tmp_path / "w1" / name).rglob("*") if p.is_file())
         assert a == sorted(p.relative_to(tmp_path / "w2") for p in (tmp_path / "w2" / name).rglob("*") if p.is_file())
         assert all((tmp_path / "w1" / f).read_bytes() == (tmp_path / "w2" / f).read_bytes() for f in a)
-
-
-# --------------------------------------------------------------------------- #
-# demo
-# --------------------------------------------------------------------------- #
-@pytest.mark.slow
-def test_demo_volumes(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "streamseg.cli", "demo", "--volumes", "--count", "4",
-                           "--epochs", "1", "--workers", "2", "--out", str(tmp_path / "d")], cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": os.getcwd()}, capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "volumes      4 cases" in proc.stdout and "normalize='ct'" in proc.stdout
-    assert "trained on" in proc.stdout
-    store = open_store(tmp_path / "d" / "volumes.zarr")
-    assert len(store) == 4 * 48 and store.image_shape == (96, 96, 3) and store.names[0] == "case_000:0"
-    assert (tmp_path / "d" / "preview.png").stat().st_size > 0

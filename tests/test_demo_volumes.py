@@ -34,7 +34,10 @@ def test_demo_volumes_trains_on_patches_and_writes_a_prediction(tmp_path: Path) 
     d = tmp_path / "d"
     store = open_store(d / "volumes-3d.zarr")
     assert isinstance(store, VolumeStore) and len(store) == 3 and store.shape(2) == (64, 64, 48)
-    assert len(open_store(d / "volumes.zarr")) == 3 * 48  # the 2D part is still there
+    slices = open_store(d / "volumes.zarr")  # the 2D part is still there
+    assert len(slices) == 3 * 48 and slices.image_shape == (64, 64, 3) and slices.names[0] == "case_000:0"
+    assert "volumes      3 cases" in out and "normalize='ct'" in out and "trained on" in out
+    assert (d / "preview.png").stat().st_size > 0
     assert "patches/s" in out and "32x32x16 patches of 2 case(s)" in out and "final loss" in out
     pred_path = d / "case_002_prediction.nii.gz"  # the held-out case, next to the store
     assert f"prediction: {pred_path}" in out and "Dice vs its label: label 1 " in out
