@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 
 
-def _convert(src: Path, dst: Path, workers: int) -> dict:
+def _convert(src: Path, dst: Path, workers: int, layout: str = "slices") -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "streamseg.cli", "convert", str(src), str(dst), "--overwrite",
-                    "--workers", str(workers), "--quiet"], check=True)
+                    "--workers", str(workers), "--layout", layout, "--quiet"], check=True)
     wall = time.perf_counter() - t0
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return {"wall_s": wall, "children_peak_rss_mib": max(peak_kib, before) / 1024}
@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=10)
     ap.add_argument("--data", default="bench_data")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--layout", choices=["slices", "volumes"], default="slices",
+                    help="store layout; with volumes only conversion is measured (bench_patches.py reads them)")
     args = ap.parse_args()
 
     import nibabel as nib
@@ -62,11 +64,11 @@ def main() -> None:
         if not (src / "dataset.json").exists():
             print(f"[data] writing {count} cases of {shape} to {src}", flush=True)
             write_synth_volumes(src, count, shape=shape, progress=False)
-        dst = src.with_suffix(".zarr")
+        dst = src.with_suffix(".zarr") if args.layout == "slices" else src.with_suffix(".layout-volumes.zarr")
         # a fresh child per count: RUSAGE_CHILDREN's maximum would otherwise carry over
         code = ("import sys; sys.path.insert(0, %r); import bench_volumes as b; import json; from pathlib import Path; "
-                "print(json.dumps(b._convert(Path(%r), Path(%r), %d)))"
-                % (str(Path(__file__).parent), str(src), str(dst), args.workers))
+                "print(json.dumps(b._convert(Path(%r), Path(%r), %d, %r)))"
+                % (str(Path(__file__).parent), str(src), str(dst), args.workers, args.layout))
         out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
         run = json.loads(out.stdout.strip().splitlines()[-1])
         raw_mb = count * int(np.prod(shape)) * 2 / 1e6  # int16 images
@@ -76,6 +78,10 @@ def main() -> None:
               f"{run['raw_mb_per_s']:.1f} MB/s raw, peak RSS (largest process) {run['children_peak_rss_mib']:.0f} MiB",
               flush=True)
 
+    if args.layout == "volumes":
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1))
+        return
     store = open_store(dst)
     names = store.names
     rng = np.random.default_rng(0)

@@ -10,12 +10,21 @@ subprocess (so memory peaks are per pipeline), all through the same harness
 Usage::
 
     python benchmarks/compare.py --out benchmarks/results/compare.json --count 1024 \\
-        --workers 1 2 --steps 40 --step-ms 0 40
+        --workers 1 2 --steps 40 --step-ms 0 40 --rounds 3
+    python benchmarks/compare.py --count 512 --smoke   # shapes/dtypes of every pipeline, no timing
+
+With ``--rounds R`` every pipeline runs R times, round after round, the order reversed in every
+other round, so that drift (thermal, other load) falls on all pipelines alike.  Beside each
+rate stands the pipeline's per-sample augmentation cost (its own augmentation + scaling alone,
+one thread, on samples in RAM; measured once, in a fresh process: :func:`augment_costs`).
 
 Writes the JSON (every field of every run), a Markdown table (``.md``) and a plot of samples/s
 against workers (``.png``) side by side, and prints the table.  Ratios are against the best
 peer (pipelines 1-4 of :mod:`peers`) at the same workers and consumer speed, and against the
-plain zarr ``PyDataset`` baseline.
+plain zarr ``PyDataset`` baseline, within the same round.  The summary names, per streamseg
+backend row (pipeline, workers, consumer speed), the best peer (highest median over rounds) and
+the best peer on the same backend, with the ratio streamseg / that peer (same round) as
+min/median/max over the rounds.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,12 +48,13 @@ for _p in (str(ROOT), str(ROOT / "benchmarks")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-__all__ = ["prepare_data", "run_one", "summarise", "main"]
+__all__ = ["prepare_stores", "prepare_data", "augment_costs", "smoke", "run_one", "summarise", "summary_rows",
+           "main"]
 
 
-def prepare_data(data_dir: str | os.PathLike, count: int, size: int = 256, classes: int = 3, seed: int = 0,
-                 shards: int = 8) -> dict[str, str]:
-    """Synthetic zarr + memmap stores and TFRecord shards, reused when already there.
+def prepare_stores(data_dir: str | os.PathLike, count: int, size: int = 256, classes: int = 3, seed: int = 0,
+                   formats: tuple[str, ...] = ("zarr", "memmap")) -> dict[str, str]:
+    """Synthetic zarr and/or memmap stores under ``data_dir``, reused when already there.
 
     Call before importing TensorFlow: the conversion forks worker processes.
     """
@@ -53,7 +64,7 @@ def prepare_data(data_dir: str | os.PathLike, count: int, size: int = 256, class
 
     base = Path(data_dir) / f"synth_n{count}_{size}px_c{classes}_seed{seed}"
     paths = {"dir": str(base)}
-    for fmt in ("zarr", "memmap"):
+    for fmt in formats:
         path = base / f"store.{fmt}"
         try:
             ok = len(open_store(path)) == count
@@ -64,6 +75,17 @@ def prepare_data(data_dir: str | os.PathLike, count: int, size: int = 256, class
             convert_source(SynthSource(count, size=(size, size), classes=classes, seed=seed), path, format=fmt,
                            workers=min(2, os.cpu_count() or 1), overwrite=True, progress=False)
         paths[fmt] = str(path)
+    return paths
+
+
+def prepare_data(data_dir: str | os.PathLike, count: int, size: int = 256, classes: int = 3, seed: int = 0,
+                 shards: int = 8) -> dict[str, str]:
+    """Synthetic zarr + memmap stores and TFRecord shards, reused when already there.
+
+    Call before importing TensorFlow: the conversion forks worker processes.
+    """
+    paths = prepare_stores(data_dir, count, size, classes, seed)
+    base = Path(paths["dir"])
     import peers  # imports TensorFlow
 
     tfrecord = base / "tfrecord"
@@ -72,6 +94,111 @@ def prepare_data(data_dir: str | os.PathLike, count: int, size: int = 256, class
     peers.write_tfrecords(paths["memmap"], tfrecord, shards)
     paths["tfrecord"] = str(tfrecord)
     return paths
+
+
+def _augment_kind(name: str) -> str:
+    """Which augmentation code pipeline ``name`` runs (a key of :func:`augment_costs`)."""
+    if name.startswith("streamseg"):
+        return "streamseg"
+    return {"seed_article": "legacy", "tfdata_tfrecord": "tf"}.get(name, "cv2")
+
+
+def augment_costs(memmap_store: str | os.PathLike, samples: int = 64, seed: int = 0) -> dict[str, float]:
+    """Milliseconds per sample of each augmentation code alone, one thread, samples in RAM.
+
+    ``cv2``: :func:`peers.cv2_standard_augment` (every OpenCV peer); ``streamseg``:
+    ``Augment.preset("standard")`` + :func:`streamseg.pipeline.batches.normalize_into` (what
+    BatchProducer runs per sample); ``legacy``: the seed article's per-sample transform
+    (``SeedArticleSequence.__getitem__``, from arrays in RAM); ``tf``: the TFRecord peer's
+    ``_tf_augment`` in a one-thread tf.data map (tf.data's per-element cost included).  Each is
+    run once before it is timed.  Sets OpenCV to one thread for good: call in a fresh process.
+    """
+    import cv2
+    import numpy as np
+
+    cv2.setNumThreads(1)
+    import peers
+    import tensorflow as tf
+    from streamseg.pipeline.augment import Augment
+    from streamseg.pipeline.batches import normalize_into, sample_rng
+
+    base = Path(memmap_store)
+    images = np.array(np.load(base / "images.npy", mmap_mode="r")[:samples])
+    masks = np.array(np.load(base / "masks.npy", mmap_mode="r")[:samples])
+    n = len(images)
+
+    def per_sample(fn: Any, count: int = n) -> float:
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) / count * 1e3
+
+    def run_cv2() -> None:
+        for i in range(n):
+            peers.cv2_standard_augment(images[i], masks[i], np.random.default_rng([seed, 0, i]))
+
+    aug = Augment.preset("standard")
+    dst = np.empty(images.shape[1:], np.float32)
+    offset, scale = np.zeros(1, np.float32), np.full(1, 1.0 / 255.0, np.float32)
+
+    def run_streamseg() -> None:
+        for i in range(n):
+            img, _ = aug(images[i], masks[i], sample_rng(seed, 0, i), value_range=255.0)
+            normalize_into(img, dst, offset, scale)
+
+    seq = peers.SeedArticleSequence(images, masks, batch_size=min(32, n), seed=seed)
+
+    def run_legacy() -> None:
+        for b in range(len(seq)):
+            seq[b]
+
+    ds = tf.data.Dataset.from_tensor_slices((images, masks, np.arange(n, dtype=np.int64)))
+    ds = peers._threading(ds.map(lambda x, y, k: peers._tf_augment(x, y, tf.stack([k, tf.constant(seed, tf.int64)]))),
+                          1)
+
+    def run_tf() -> None:
+        for _ in ds:
+            pass
+
+    return {"cv2": per_sample(run_cv2), "streamseg": per_sample(run_streamseg), "tf": per_sample(run_tf),
+            "legacy": per_sample(run_legacy, len(seq) * seq.batch_size)}
+
+
+def smoke(data: dict[str, str], names: tuple[str, ...], batch_size: int, classes: int, workers: int = 2) -> int:
+    """Build every pipeline of ``names``, read two batches in-process, check shapes, dtypes and ranges."""
+    import numpy as np
+    import peers
+
+    bad = []
+    for name in names:
+        try:
+            ds = peers.build_pipeline(name, data, workers=workers, batch_size=batch_size)
+        except peers.PipelineSkipped as exc:
+            print(f"[smoke] {name:26s} skipped: {exc}")
+            continue
+        try:
+            batches = list(ds.take(2).as_numpy_iterator()) if hasattr(ds, "as_numpy_iterator") \
+                else [ds[0], ds[1]]
+        finally:
+            if hasattr(ds, "close"):
+                ds.close()
+        problems = []
+        for x, y in batches:
+            if x.ndim != 4 or x.shape[0] != batch_size or x.shape[-1] != 3 or x.dtype != np.float32:
+                problems.append(f"images {x.shape} {x.dtype}")
+            elif not (0.0 <= float(x.min()) and float(x.max()) <= 1.0):
+                problems.append(f"images outside [0, 1]: {float(x.min())}..{float(x.max())}")
+            if y.shape != x.shape[:3] + (1,) or y.dtype != np.int32:
+                problems.append(f"masks {y.shape} {y.dtype}")
+            elif not (0 <= int(y.min()) and int(y.max()) < classes):
+                problems.append(f"labels outside [0, {classes}): {int(y.min())}..{int(y.max())}")
+        x, y = batches[0]
+        print(f"[smoke] {name:26s} {'ok ' if not problems else 'BAD'} images {x.shape} {x.dtype} "
+              f"[{float(x.min()):.2f}, {float(x.max()):.2f}]  masks {y.shape} {y.dtype} labels "
+              f"{sorted(int(v) for v in np.unique(y))}" + "".join(f"\n    {m}" for m in problems), flush=True)
+        bad += [name] if problems else []
+    print(f"[smoke] {len(names) - len(bad)} of {len(names)} pipelines ok" + (f"; bad: {bad}" if bad else ""))
+    return 1 if bad else 0
 
 
 def _child(spec: dict[str, Any]) -> int:
@@ -85,6 +212,9 @@ def _child(spec: dict[str, Any]) -> int:
     out: dict[str, Any] = {"status": "ok"}
     ds = None
     try:
+        if spec.get("kind") == "augment_costs":
+            out["result"] = augment_costs(spec["data"]["memmap"], seed=spec["seed"])
+            raise StopIteration
         t0 = time.perf_counter()
         ds = peers.build_pipeline(spec["pipeline"], spec["data"], workers=spec["workers"],
                                   batch_size=spec["batch_size"], seed=spec["seed"], max_ram=spec.get("max_ram"))
@@ -92,6 +222,8 @@ def _child(spec: dict[str, Any]) -> int:
         out["result"] = measure_fit(ds, model=spec["model"], step_ms=spec["step_ms"], steps=spec["steps"],
                                     warmup=spec["warmup"], batch_size=spec["batch_size"],
                                     input_shape=(spec["size"], spec["size"], 3), num_classes=spec["classes"])
+    except StopIteration:
+        pass
     except peers.PipelineSkipped as exc:
         out = {"status": "skipped", "reason": str(exc)}
     except BaseException as exc:  # MemoryError, worker errors, ...: recorded, not raised
@@ -154,7 +286,7 @@ def summarise(runs: list[dict[str, Any]], peers_names: tuple[str, ...]) -> None:
         if run["status"] != "ok":
             continue
         same = [r for r in runs if r["status"] == "ok" and r["step_ms"] == run["step_ms"]
-                and r["workers"] == run["workers"]]
+                and r["workers"] == run["workers"] and r.get("round", 0) == run.get("round", 0)]
         best = max((r for r in same if r["pipeline"] in peers_names), key=lambda r: r["samples_per_s"], default=None)
         base = next((r for r in same if r["pipeline"] == "zarr_per_sample"), None)
         run["best_peer"] = best["pipeline"] if best else None
@@ -162,17 +294,63 @@ def summarise(runs: list[dict[str, Any]], peers_names: tuple[str, ...]) -> None:
         run["vs_zarr_baseline"] = run["samples_per_s"] / base["samples_per_s"] if base else None
 
 
-def _table(runs: list[dict[str, Any]]) -> list[list[str]]:
+def summary_rows(runs: list[dict[str, Any]], peers_names: tuple[str, ...], backends: dict[str, str]
+                 ) -> list[dict[str, Any]]:
+    """Per streamseg pipeline, workers and consumer speed: the best peer and the best same-backend peer.
+
+    The best peer has the highest median samples/s over the rounds; its ratio is streamseg /
+    that peer within each round, given as ``[min, median, max]`` over the rounds.
+    """
+    rates: dict[tuple[str, int, float], dict[int, float]] = {}
+    for r in runs:
+        if r["status"] == "ok":
+            rates.setdefault((r["pipeline"], r["workers"], r["step_ms"]), {})[r.get("round", 0)] = r["samples_per_s"]
+    out = []
+    for (name, workers, step_ms), own in rates.items():
+        if not name.startswith("streamseg"):
+            continue
+        row: dict[str, Any] = {"pipeline": name, "workers": workers, "step_ms": step_ms,
+                               "samples_per_s": statistics.median(own.values()), "rounds": len(own)}
+        same = tuple(p for p in peers_names if backends.get(p) == backends.get(name))
+        for key, pool in (("best_peer", peers_names), ("best_same_backend", same)):
+            cand = {p: rates[(p, workers, step_ms)] for p in pool if (p, workers, step_ms) in rates}
+            best = max(cand, key=lambda p: statistics.median(cand[p].values()), default=None)
+            ratios = sorted(own[k] / cand[best][k] for k in own if best and k in cand[best])
+            row[key] = None if best is None else {
+                "pipeline": best, "samples_per_s": statistics.median(cand[best].values()),
+                "ratio_min_median_max": [ratios[0], statistics.median(ratios), ratios[-1]] if ratios else None}
+        out.append(row)
+    return out
+
+
+def _summary_table(rows: list[dict[str, Any]]) -> list[list[str]]:
+    table = [["streamseg", "workers", "step ms", "samples/s (median)", "best peer", "peer samples/s",
+              "streamseg/peer min/med/max", "best same-backend peer", "peer samples/s", "streamseg/peer min/med/max"]]
+    for r in rows:
+        cells = [r["pipeline"], str(r["workers"]), f"{r['step_ms']:g}", f"{r['samples_per_s']:.1f}"]
+        for key in ("best_peer", "best_same_backend"):
+            b = r[key]
+            q = b["ratio_min_median_max"] if b else None
+            cells += [b["pipeline"], f"{b['samples_per_s']:.1f}", "/".join(f"{v:.2f}" for v in q) + "x"] if q \
+                else ["-", "-", "-"]
+        table.append(cells)
+    return table
+
+
+def _table(runs: list[dict[str, Any]], aug_ms: dict[str, float] | None = None) -> list[list[str]]:
     def num(v: Any, fmt: str) -> str:
         return format(v, fmt) if isinstance(v, (int, float)) else "-"
 
-    rows = [["pipeline", "workers", "step ms", "samples/s", "stall", "USS+PSS MiB", "anon PSS MiB",
-             "vs best peer", "vs zarr baseline", "status"]]
+    aug_ms = aug_ms or {}
+    rows = [["pipeline", "round", "workers", "step ms", "samples/s", "aug ms/sample (1 thread)", "stall",
+             "USS+PSS MiB", "anon PSS MiB", "vs best peer", "vs zarr baseline", "status"]]
     for r in runs:
         ok = r["status"] == "ok"
         mem = r.get("memory", {})
-        rows.append([r["pipeline"], str(r["workers"]), f"{r['step_ms']:g}",
+        kind = _augment_kind(r["pipeline"])
+        rows.append([r["pipeline"], str(r.get("round", 0)), str(r["workers"]), f"{r['step_ms']:g}",
                      num(r.get("samples_per_s"), ".1f") if ok else "-",
+                     num(aug_ms.get(kind), ".2f") + f" ({kind})",
                      num(r.get("stall_fraction"), ".2f") if ok and r["step_ms"] > 0 else "-",
                      num(mem.get("private", 0) / 2**20, ".0f") if ok else "-",
                      num(mem.get("tree_anon_pss", 0) / 2**20, ".0f") if ok else "-",
@@ -203,8 +381,11 @@ def _plot(runs: list[dict[str, Any]], labels: dict[str, str], path: Path) -> Non
     fig, axes = plt.subplots(1, len(speeds), figsize=(6.5 * len(speeds), 4.5), squeeze=False)
     for ax, speed in zip(axes[0], speeds):
         for name in dict.fromkeys(r["pipeline"] for r in runs):
-            pts = sorted((r["workers"], r["samples_per_s"]) for r in runs
-                         if r["pipeline"] == name and r["step_ms"] == speed and r["status"] == "ok")
+            by_w: dict[int, list[float]] = {}
+            for r in runs:
+                if r["pipeline"] == name and r["step_ms"] == speed and r["status"] == "ok":
+                    by_w.setdefault(r["workers"], []).append(r["samples_per_s"])
+            pts = sorted((w, statistics.median(v)) for w, v in by_w.items())  # median over rounds
             failed = [r for r in runs if r["pipeline"] == name and r["step_ms"] == speed and r["status"] != "ok"]
             label = labels.get(name, name) + (f" ({failed[0]['status']})" if failed else "")
             style = "-o" if name.startswith("streamseg") else "--s"
@@ -259,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-ram", default=None, help="RAM budget of the seed article's in-RAM load, e.g. 2G")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per run before it is killed")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=1, help="alternating rounds of every pipeline")
+    p.add_argument("--smoke", action="store_true", help="only check every pipeline's first batches, no timing")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -274,31 +457,40 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in peers.PIPELINES]
     if unknown:
         p.error(f"unknown pipeline(s) {unknown}; choose from {', '.join(peers.PIPELINES)}")
+    if args.smoke:
+        return smoke(data, names, args.batch_size, args.classes, max(args.workers))
     max_ram = parse_size(args.max_ram) if args.max_ram else None
+    costs = run_one({"kind": "augment_costs", "data": data, "seed": args.seed}, args.timeout)
+    aug_ms = costs.get("result", {}) if costs["status"] == "ok" else {}
+    print("[augment] ms per sample, one thread: " + (", ".join(f"{k} {v:.2f}" for k, v in aug_ms.items())
+                                                      or f"not measured: {costs.get('error')}"), flush=True)
     runs: list[dict[str, Any]] = []
-    for step_ms in args.step_ms:
-        for name in names:
-            for workers in args.workers:
-                spec = {"pipeline": name, "workers": workers, "step_ms": step_ms, "steps": args.steps,
-                        "warmup": args.warmup, "batch_size": args.batch_size, "model": args.model,
-                        "seed": args.seed, "size": args.size, "classes": args.classes, "data": data,
-                        "max_ram": max_ram}
-                load = os.getloadavg()[0]
-                print(f"[run] {name:17s} workers={workers} step_ms={step_ms:g} ...", end=" ", flush=True)
-                t0 = time.perf_counter()
-                outcome = run_one(spec, args.timeout)
-                run = {"pipeline": name, "label": peers.LABELS[name], "workers": workers, "step_ms": step_ms,
-                       "status": outcome["status"], "seconds": time.perf_counter() - t0, "loadavg_1min": load}
-                if outcome["status"] == "ok":
-                    run.update(outcome["result"], build_s=outcome.get("build_s"))
-                    run.update({k: outcome[k] for k in ("exit_note", "log_tail") if k in outcome})
-                else:
-                    run.update({k: v for k, v in outcome.items() if k != "status"})
-                runs.append(run)
-                print(f"{run['samples_per_s']:.1f} samples/s" if run["status"] == "ok"
-                      else f"{run['status']}: {run.get('reason') or run.get('error')}", flush=True)
+    plan = [(rnd, step_ms, name, workers) for rnd in range(args.rounds) for step_ms in args.step_ms
+            for name in (names if rnd % 2 == 0 else names[::-1]) for workers in args.workers]
+    for rnd, step_ms, name, workers in plan:
+        spec = {"pipeline": name, "workers": workers, "step_ms": step_ms, "steps": args.steps,
+                "warmup": args.warmup, "batch_size": args.batch_size, "model": args.model,
+                "seed": args.seed, "size": args.size, "classes": args.classes, "data": data,
+                "max_ram": max_ram}
+        load = os.getloadavg()[0]
+        print(f"[run {rnd}] {name:26s} workers={workers} step_ms={step_ms:g} ...", end=" ", flush=True)
+        t0 = time.perf_counter()
+        outcome = run_one(spec, args.timeout)
+        run = {"pipeline": name, "label": peers.LABELS[name], "round": rnd, "workers": workers,
+               "step_ms": step_ms, "augment": _augment_kind(name), "augment_ms_per_sample": aug_ms.get(_augment_kind(name)),
+               "status": outcome["status"], "seconds": time.perf_counter() - t0, "loadavg_1min": load}
+        if outcome["status"] == "ok":
+            run.update(outcome["result"], build_s=outcome.get("build_s"))
+            run.update({k: outcome[k] for k in ("exit_note", "log_tail") if k in outcome})
+        else:
+            run.update({k: v for k, v in outcome.items() if k != "status"})
+        runs.append(run)
+        print(f"{run['samples_per_s']:.1f} samples/s" if run["status"] == "ok"
+              else f"{run['status']}: {run.get('reason') or run.get('error')}", flush=True)
     summarise(runs, peers.PEERS)
-    rows = _table(runs)
+    rows = _table(runs, aug_ms)
+    summary = summary_rows(runs, peers.PEERS, peers.BACKENDS)
+    srows = _summary_table(summary)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     vm = psutil.virtual_memory()
@@ -306,12 +498,18 @@ def main(argv: list[str] | None = None) -> int:
               "data": data, "machine": {"cpu_count": os.cpu_count(), "ram_total_bytes": vm.total,
                                         "platform": platform.platform()},
               "versions": _versions(), "peers": list(peers.PEERS), "labels": peers.LABELS,
+              "augment_ms_per_sample": aug_ms, "summary": summary,
               "total_s": time.perf_counter() - t_start, "runs": runs}
     out.write_text(json.dumps(report, indent=1, default=str))
-    out.with_suffix(".md").write_text(_markdown(rows) + "\n")
-    _plot(runs, peers.LABELS, out.with_suffix(".png"))
+    out.with_suffix(".md").write_text(_markdown(rows) + "\n\n" + _markdown(srows) + "\n")
+    try:
+        _plot(runs, peers.LABELS, out.with_suffix(".png"))
+    except ImportError as exc:  # matplotlib is optional
+        print(f"[plot] skipped: {exc}")
     print()
     print(_print_table(rows))
+    print()
+    print(_print_table(srows))
     print(f"\nwrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')} "
           f"({report['total_s']:.0f} s in all)")
     return 0

@@ -35,6 +35,17 @@ Peers (what streamseg is compared against):
    read a disjoint part of the epoch's order, interleaved with ``num_parallel_calls=workers``
    (no private thread pool: nested generator calls deadlock in one of ``workers`` threads).
 
+5. The parallel-map tf.data peers of :mod:`peers_tfdata` (issue 14): ``tfdata_map_batch_memmap``,
+   ``tfdata_map_sample_memmap`` and ``tfdata_map_batch_zarr`` --
+   ``range(n).shuffle(n)[.batch(B)].map(numpy_function(read + OpenCV augment), AUTOTUNE)``.
+6. ``pydataset_memmap_threads`` / ``pydataset_memmap_processes``: a plain ``PyDataset`` over
+   the memmap store (arrays mapped lazily once per process, one sorted fancy-index read per
+   batch, OpenCV augmentation per sample, uniform shuffle per epoch), ``workers`` threads or
+   processes (``use_multiprocessing`` False / True).
+
+Every OpenCV peer runs the same :func:`cv2_standard_augment`.  :data:`BACKENDS` names the
+store each pipeline reads, so a streamseg row can be set against the best peer on its backend.
+
 Then streamseg itself: ``streamseg_zarr`` and ``streamseg_memmap`` (SegmentationDataset with
 ``augment="standard"``, window shuffle, worker processes).
 """
@@ -56,18 +67,29 @@ from keras.src.legacy.preprocessing.image import ImageDataGenerator
 
 __all__ = ["PEERS", "PIPELINES", "LABELS", "PipelineSkipped", "standard_transform", "cv2_standard_augment",
            "SeedArticleSequence", "ZarrPerSamplePyDataset", "write_tfrecords", "tfrecord_dataset",
-           "generator_dataset", "build_pipeline"]
+           "generator_dataset", "MemmapPyDataset", "build_pipeline", "BACKENDS"]
 
-PEERS = ("seed_article", "zarr_per_sample", "tfdata_tfrecord", "tfdata_generator")
+PEERS = ("seed_article", "zarr_per_sample", "tfdata_tfrecord", "tfdata_generator", "tfdata_map_batch_memmap",
+         "tfdata_map_sample_memmap", "tfdata_map_batch_zarr", "pydataset_memmap_threads",
+         "pydataset_memmap_processes")
 PIPELINES = PEERS + ("streamseg_zarr", "streamseg_memmap")
 LABELS = {
     "seed_article": "seed article: NumPy in RAM + legacy ImageDataGenerator",
     "zarr_per_sample": "Keras PyDataset, zarr arr[i] per sample + OpenCV",
     "tfdata_tfrecord": "tf.data: TFRecord/PNG + tf.image",
     "tfdata_generator": "tf.data.from_generator over memmap + OpenCV",
+    "tfdata_map_batch_memmap": "tf.data: range.shuffle.batch.map(numpy_function: memmap batch + OpenCV)",
+    "tfdata_map_sample_memmap": "tf.data: range.shuffle.map(numpy_function: memmap sample + OpenCV).batch",
+    "tfdata_map_batch_zarr": "tf.data: range.shuffle.batch.map(numpy_function: zarr batch read + OpenCV)",
+    "pydataset_memmap_threads": "Keras PyDataset over memmap + OpenCV, worker threads",
+    "pydataset_memmap_processes": "Keras PyDataset over memmap + OpenCV, worker processes",
     "streamseg_zarr": "streamseg SegmentationDataset (zarr)",
     "streamseg_memmap": "streamseg SegmentationDataset (memmap)",
 }
+BACKENDS = {"seed_article": "ram", "zarr_per_sample": "zarr", "tfdata_tfrecord": "tfrecord",
+            "tfdata_generator": "memmap", "tfdata_map_batch_memmap": "memmap", "tfdata_map_sample_memmap": "memmap",
+            "tfdata_map_batch_zarr": "zarr", "pydataset_memmap_threads": "memmap",
+            "pydataset_memmap_processes": "memmap", "streamseg_zarr": "zarr", "streamseg_memmap": "memmap"}
 ROTATE, ZOOM, SHIFT, BRIGHTNESS, CONTRAST = 15.0, (0.9, 1.1), 0.05, 0.1, 0.1
 
 
@@ -350,6 +372,42 @@ def generator_dataset(store: str | os.PathLike, batch_size: int = 32, seed: int 
     return ds.apply(tf.data.experimental.assert_cardinality(meta["count"] // batch_size))
 
 
+# ---------------------------------------------------------------------------------- 6. PyDataset over memmap
+class MemmapPyDataset(keras.utils.PyDataset):
+    """Plain Keras PyDataset over the memmap store: one sorted fancy-index read per batch + OpenCV."""
+
+    def __init__(self, path: str | os.PathLike, batch_size: int = 32, seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.path, self.batch_size, self.seed, self.epoch = Path(path), batch_size, seed, 0
+        self.n = json.loads((self.path / "manifest.json").read_text())["count"]
+        self._pid, self._arrays = None, None
+
+    def _open(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._pid != os.getpid():  # once per process (workers are forked); threads share it
+            self._arrays = (np.load(self.path / "images.npy", mmap_mode="r"),
+                            np.load(self.path / "masks.npy", mmap_mode="r"))
+            self._pid = os.getpid()
+        return self._arrays
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        images, masks = self._open()
+        idx = np.sort(_epoch_order(self.n, self.seed, self.epoch)[i * self.batch_size:(i + 1) * self.batch_size])
+        raw_x, raw_y = images[idx], masks[idx]
+        h, w, c = images.shape[1:]
+        x = np.empty((len(idx), h, w, c), np.float32)
+        y = np.empty((len(idx), h, w, 1), np.int32)
+        for j, s in enumerate(idx):
+            x[j], y[j] = cv2_standard_augment(raw_x[j], raw_y[j], np.random.default_rng(
+                _sample_seed(self.seed, self.epoch, s)))
+        return x, y
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+
+
 # ---------------------------------------------------------------------------------- factory
 def build_pipeline(name: str, data: dict[str, str], *, workers: int, batch_size: int = 32, seed: int = 0,
                    max_ram: int | None = None) -> Any:
@@ -371,6 +429,13 @@ def build_pipeline(name: str, data: dict[str, str], *, workers: int, batch_size:
         return tfrecord_dataset(files, count, batch_size, seed, workers)
     if name == "tfdata_generator":
         return generator_dataset(data["memmap"], batch_size, seed, workers)
+    if name.startswith("tfdata_map_"):
+        from peers_tfdata import build_tfdata_map  # imports this module
+
+        return build_tfdata_map(name, data, workers=workers, batch_size=batch_size, seed=seed)
+    if name in ("pydataset_memmap_threads", "pydataset_memmap_processes"):
+        return MemmapPyDataset(data["memmap"], batch_size, seed, workers=workers,
+                               use_multiprocessing=name.endswith("_processes"))
     if name in ("streamseg_zarr", "streamseg_memmap"):
         from streamseg import SegmentationDataset
 

@@ -1,0 +1,173 @@
+"""Pipeline efficiency: streamseg's full-speed rate against the single-thread floor of its own work.
+
+The floor is the exact per-sample work the pipeline does, on one thread, in one process: a
+:class:`streamseg.pipeline.batches.BatchProducer` (the object every worker runs) producing the
+dataset's own batches in-process -- ``Store.read`` of the batch, the configured ``Augment``, the
+normalisation and mask encoding -- after ``setup()`` (Blosc on one thread) and with OpenCV set
+to one thread.  It runs in a fresh subprocess so that the thread setting does not reach the
+measured pipeline.  Then, in the same run, the full-speed rate: a ``SegmentationDataset`` with
+``--workers`` worker processes, iterated for ``--batches`` batches after a warm-up (epoch after
+epoch, no model).  It prints::
+
+    efficiency = rate / (cores x floor rate)
+
+1.0 means every core does nothing but the floor work; the rest is what the pipeline costs on
+top (hand-over copy, scheduling, the consumer thread) or leaves idle.
+
+Usage::
+
+    python benchmarks/efficiency.py --backend zarr --workers 2 --batches 48
+    python benchmarks/efficiency.py --store /data/s.memmap --augment heavy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+for _p in (str(ROOT), str(ROOT / "benchmarks")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+__all__ = ["make_dataset", "floor", "full_speed", "main"]
+
+
+def make_dataset(store: str, augment: str | None, batch_size: int, workers: int, seed: int = 0) -> Any:
+    """The measured SegmentationDataset (window shuffle, drop_remainder, worker processes)."""
+    from streamseg import SegmentationDataset
+
+    return SegmentationDataset(store, batch_size, augment=augment, shuffle="window", seed=seed, workers=workers,
+                               use_multiprocessing=workers > 0, drop_remainder=True)
+
+
+def floor(store: str, augment: str | None, batch_size: int, batches: int, seed: int = 0) -> dict[str, Any]:
+    """Seconds per sample of BatchProducer.produce on one thread (read alone, and everything).
+
+    Sets OpenCV to one thread for good: call in a fresh process.
+    """
+    import cv2
+    import numpy as np
+
+    cv2.setNumThreads(1)
+    from streamseg.pipeline.batches import BatchProducer
+
+    ds = make_dataset(store, augment, batch_size, workers=0, seed=seed)
+    producer = BatchProducer(ds.store, ds.options)
+    producer.setup()
+    h, w, c = ds.store.image_shape
+    (ishape, idt), (mshape, mdt) = ((batch_size, h, w, c), np.float32), ds.options.mask_spec(batch_size, h, w)
+    out = {"images": np.empty(ishape, idt), "masks": np.empty(mshape, mdt)}
+    n = len(ds)
+    tasks = [(k // n, ds.batch_indices(k % n, k // n)) for k in range(batches)]
+    for task in tasks[:2]:  # warm: files opened, page cache, first-call costs
+        producer.produce(task, out)
+    t0 = time.perf_counter()
+    for task in tasks:
+        ds.store.read(task[1])
+    read_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for task in tasks:
+        producer.produce(task, out)
+    total_s = time.perf_counter() - t0
+    ds.close()
+    samples = sum(len(t[1]) for t in tasks)
+    return {"samples": samples, "floor_s_per_sample": total_s / samples, "read_s_per_sample": read_s / samples,
+            "floor_samples_per_s": samples / total_s}
+
+
+def full_speed(store: str, augment: str | None, batch_size: int, workers: int, batches: int, warmup: int,
+               seed: int = 0) -> dict[str, Any]:
+    """samples/s of iterating the dataset with ``workers`` processes, no consumer work."""
+    ds = make_dataset(store, augment, batch_size, workers=workers, seed=seed)
+    got, t0, cpu0 = 0, None, None
+    try:
+        while got < warmup + batches:
+            for _ in ds:
+                got += 1
+                if got == warmup:
+                    t0, cpu0 = time.perf_counter(), _cpu_seconds()
+                if got == warmup + batches:
+                    break
+            ds.on_epoch_end()
+        wall = time.perf_counter() - t0
+        cpu = _cpu_seconds() - cpu0
+    finally:
+        ds.close()
+    return {"batches": batches, "samples_per_s": batches * batch_size / wall, "wall_s": wall,
+            "cpu_s": cpu, "cpu_cores_busy": cpu / wall}
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its live children (psutil)."""
+    import psutil
+
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure the floor (fresh subprocess), then the full-speed rate; print the efficiency."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--store", default=None, help="store path (default: synthetic data of --backend)")
+    p.add_argument("--backend", choices=["zarr", "memmap"], default="zarr", help="synthetic store format")
+    p.add_argument("--data", default=str(ROOT / "bench_data"), help="cache folder for the synthetic data")
+    p.add_argument("--count", type=int, default=512, help="samples in the synthetic data set")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--augment", default="standard", help="augment preset name, or 'none'")
+    p.add_argument("--workers", type=int, default=2, help="worker processes of the full-speed run")
+    p.add_argument("--batches", type=int, default=48, help="timed batches (floor and full speed)")
+    p.add_argument("--warmup", type=int, default=4, help="untimed batches before the full-speed timing")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--cores", type=int, default=None, help="cores (default: this process's CPU affinity)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="also write the result as JSON here")
+    p.add_argument("--floor-child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    augment = None if args.augment == "none" else args.augment
+    if args.floor_child:
+        print(json.dumps(floor(args.store, augment, args.batch_size, args.batches, args.seed)))
+        return 0
+    store = args.store
+    if store is None:
+        from compare import prepare_stores
+
+        store = prepare_stores(args.data, args.count, args.size, formats=(args.backend,))[args.backend]
+    cmd = [sys.executable, __file__, "--floor-child", "--store", store, "--augment", args.augment,
+           "--batches", str(args.batches), "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return proc.returncode
+    fl = json.loads(proc.stdout.strip().splitlines()[-1])
+    rate = full_speed(store, augment, args.batch_size, args.workers, args.batches, args.warmup, args.seed)
+    cores = args.cores or len(os.sched_getaffinity(0))
+    eff = rate["samples_per_s"] / (cores * fl["floor_samples_per_s"])
+    result = {"store": store, "augment": args.augment, "batch_size": args.batch_size, "workers": args.workers,
+              "cores": cores, "floor": fl, "full_speed": rate, "efficiency": eff}
+    print(f"store {store} (augment={args.augment}, batch {args.batch_size})")
+    print(f"floor (1 thread, BatchProducer.produce): {fl['floor_samples_per_s']:.1f} samples/s "
+          f"({fl['floor_s_per_sample'] * 1e3:.2f} ms/sample, of which Store.read {fl['read_s_per_sample'] * 1e3:.2f})")
+    print(f"full speed ({args.workers} worker processes, {args.batches} batches): {rate['samples_per_s']:.1f} "
+          f"samples/s, CPU {rate['cpu_cores_busy']:.2f} cores busy")
+    print(f"cores {cores}: efficiency = rate / (cores x floor) = {rate['samples_per_s']:.1f} / "
+          f"({cores} x {fl['floor_samples_per_s']:.1f}) = {eff:.3f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
