@@ -37,33 +37,8 @@ def small_unet(input_shape: tuple[int, int, int], num_classes: int, *, base_filt
     keras.Model
         Compiled with Adam.
     """
-    import keras
-    from keras import layers
-
-    inputs = keras.Input(input_shape)
-    x = inputs
-    skips = []
-    for level in range(depth):
-        f = base_filters * 2**level
-        x = layers.Conv2D(f, 3, padding="same", activation="relu")(x)
-        x = layers.Conv2D(f, 3, padding="same", activation="relu")(x)
-        skips.append(x)
-        x = layers.MaxPooling2D()(x)
-    x = layers.Conv2D(base_filters * 2**depth, 3, padding="same", activation="relu")(x)
-    for level in reversed(range(depth)):
-        f = base_filters * 2**level
-        x = layers.Conv2DTranspose(f, 2, strides=2, padding="same")(x)
-        x = layers.Concatenate()([x, skips[level]])
-        x = layers.Conv2D(f, 3, padding="same", activation="relu")(x)
-    if mask_mode == "binary":
-        outputs = layers.Conv2D(1, 1, activation="sigmoid")(x)
-        loss = "binary_crossentropy"
-    else:
-        outputs = layers.Conv2D(num_classes, 1, activation="softmax")(x)
-        loss = "sparse_categorical_crossentropy" if mask_mode == "sparse" else "categorical_crossentropy"
-    model = keras.Model(inputs, outputs, name="small_unet")
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, metrics=["accuracy"])
-    return model
+    return _unet(tuple(input_shape), num_classes, base_filters=base_filters, depth=depth, mask_mode=mask_mode,
+                 dims=2, name="small_unet")
 
 
 def _positive_int(value: Any) -> bool:
@@ -124,30 +99,40 @@ def small_unet3d(input_shape: tuple[int, int, int, int], num_classes: int, *, ba
         raise OptionError(f"small_unet3d: num_classes must be a positive int. "
                           f"Received: num_classes={truncate(num_classes)}")
 
+    return _unet(tuple(int(v) for v in shape), int(num_classes) if mask_mode != "binary" else 1,
+                 base_filters=base_filters, depth=depth, mask_mode=mask_mode, dims=3, name="small_unet3d")
+
+
+def _unet(input_shape: tuple[int, ...], num_classes: int, *, base_filters: int, depth: int, mask_mode: str,
+          dims: int, name: str) -> Any:
+    """The U-Net both builders share: ``dims``-D convolutions, compiled with Adam (imports Keras)."""
     import keras
     from keras import layers
 
-    inputs = keras.Input(tuple(int(v) for v in shape))
+    conv = layers.Conv2D if dims == 2 else layers.Conv3D
+    pool = layers.MaxPooling2D if dims == 2 else layers.MaxPooling3D
+    up = layers.Conv2DTranspose if dims == 2 else layers.Conv3DTranspose
+    inputs = keras.Input(input_shape)
     x = inputs
     skips = []
     for level in range(depth):
         f = base_filters * 2**level
-        x = layers.Conv3D(f, 3, padding="same", activation="relu")(x)
-        x = layers.Conv3D(f, 3, padding="same", activation="relu")(x)
+        x = conv(f, 3, padding="same", activation="relu")(x)
+        x = conv(f, 3, padding="same", activation="relu")(x)
         skips.append(x)
-        x = layers.MaxPooling3D()(x)
-    x = layers.Conv3D(base_filters * 2**depth, 3, padding="same", activation="relu")(x)
+        x = pool()(x)
+    x = conv(base_filters * 2**depth, 3, padding="same", activation="relu")(x)
     for level in reversed(range(depth)):
         f = base_filters * 2**level
-        x = layers.Conv3DTranspose(f, 2, strides=2, padding="same")(x)
+        x = up(f, 2, strides=2, padding="same")(x)
         x = layers.Concatenate()([x, skips[level]])
-        x = layers.Conv3D(f, 3, padding="same", activation="relu")(x)
+        x = conv(f, 3, padding="same", activation="relu")(x)
     if mask_mode == "binary":
-        outputs = layers.Conv3D(1, 1, activation="sigmoid")(x)
+        outputs = conv(1, 1, activation="sigmoid")(x)
         loss = "binary_crossentropy"
     else:
-        outputs = layers.Conv3D(int(num_classes), 1, activation="softmax")(x)
+        outputs = conv(num_classes, 1, activation="softmax")(x)
         loss = "sparse_categorical_crossentropy" if mask_mode == "sparse" else "categorical_crossentropy"
-    model = keras.Model(inputs, outputs, name="small_unet3d")
+    model = keras.Model(inputs, outputs, name=name)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, metrics=["accuracy"])
     return model

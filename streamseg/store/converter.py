@@ -20,7 +20,6 @@ import errno
 import os
 import zlib
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from ..errors import DestinationError, InputError, OptionError, SourceMismatchEr
 from ..progress import Progress
 from ..io.sources import ArraySource, FolderSource, SynthSource, prepare_pair
 from ._orphans import die_with_parent
+from ._tasks import run_bounded
 from .lock import DestinationLock
 from .reader import Store, open_store
 from .volume_convert import chunk_segments, is_volume_input, largest_case_bytes, refuse_slice_store_options, \
@@ -466,26 +466,10 @@ def _run_chunks(ks: list[int]) -> list[dict[str, Any]]:
 
 def _run_parallel(task: _ChunkTask, runs: list[list[int]], workers: int, dst: Path, bar: Progress) -> None:
     """Hand runs of chunks (:func:`~streamseg.store.volume_convert.chunk_segments`) to workers."""
-    pending: set[Future] = set()
-    queue = iter(runs)
-    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
-                             initargs=(task, os.getpid())) as pool:
-        try:
-            for run in queue:
-                pending.add(pool.submit(_run_chunks, run))
-                if len(pending) >= 2 * workers:
-                    break
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    for record in fut.result():  # re-raises the worker's InputError etc.
-                        append_progress(dst, record)
-                        bar.update(record["n"])
-                    nxt = next(queue, None)
-                    if nxt is not None:
-                        pending.add(pool.submit(_run_chunks, nxt))
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+    def record(records: list[dict[str, Any]]) -> None:
+        for rec in records:
+            append_progress(dst, rec)
+            bar.update(rec["n"])
+
+    run_bounded(_run_chunks, runs, workers=workers, initializer=_init_worker, initargs=(task, os.getpid()),
+                on_result=record)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import zlib
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import numpy as np
 from ..errors import IncompleteStoreError, StreamsegError, truncate
 from ..progress import Progress
 from ._orphans import die_with_parent
+from ._tasks import run_bounded
 from .layout import ARRAYS_MARK
 from .reader import FORMAT_VERSION, MANIFEST_NAME, PLAN_NAME, PROGRESS_NAME
 from .volume_layout import CASES_DIR, PATCH_READS, case_dir, chunk_file, chunk_grid, foreground_sample, slab_ranges
@@ -188,35 +188,18 @@ def write_volume_store(source: Any, dst: Path, plan: dict[str, Any], done: set[i
     task = _CaseTask(source, dst, plan)
     bar = Progress(plan["count"], f"convert -> {dst.name}", mode=progress, unit="cases")
     bar.update(len(done))
+
+    def record(rec: dict[str, Any]) -> None:
+        append_progress(dst, {"chunk": rec["case"], **rec})
+        bar.update(1)
+
     try:
         if workers == 1 or len(todo) <= 1:
             for k in todo:
-                append_progress(dst, {"chunk": k, **task(k)})
-                bar.update(1)
-            return
-        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), initializer=_init_worker,
-                                 initargs=(os.getpid(),)) as pool:
-            queue = iter(todo)
-            pending: set[Future] = set()
-            try:
-                for k in queue:
-                    pending.add(pool.submit(task, k))
-                    if len(pending) >= 2 * workers:
-                        break
-                while pending:
-                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        record = fut.result()
-                        append_progress(dst, {"chunk": record["case"], **record})
-                        bar.update(1)
-                        nxt = next(queue, None)
-                        if nxt is not None:
-                            pending.add(pool.submit(task, nxt))
-            except BaseException:
-                for fut in pending:
-                    fut.cancel()
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
+                record(task(k))
+        else:
+            run_bounded(task, todo, workers=min(workers, len(todo)), initializer=_init_worker,
+                        initargs=(os.getpid(),), on_result=record)
     finally:
         bar.close()
 
