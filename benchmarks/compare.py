@@ -99,7 +99,7 @@ def prepare_data(data_dir: str | os.PathLike, count: int, size: int = 256, class
 def _augment_kind(name: str) -> str:
     """Which augmentation code pipeline ``name`` runs (a key of :func:`augment_costs`)."""
     if name.startswith("streamseg"):
-        return "streamseg"
+        return "streamseg_uint8" if name.endswith("_uint8") else "streamseg"
     return {"seed_article": "legacy", "tfdata_tfrecord": "tf"}.get(name, "cv2")
 
 
@@ -107,8 +107,9 @@ def augment_costs(memmap_store: str | os.PathLike, samples: int = 64, seed: int 
     """Milliseconds per sample of each augmentation code alone, one thread, samples in RAM.
 
     ``cv2``: :func:`peers.cv2_standard_augment` (every OpenCV peer); ``streamseg``:
-    ``Augment.preset("standard")`` + :func:`streamseg.pipeline.batches.normalize_into` (what
-    BatchProducer runs per sample); ``legacy``: the seed article's per-sample transform
+    ``Augment.preset("standard")`` through :func:`streamseg.pipeline.fused.augment_into` into a
+    float32 slot (what BatchProducer runs per uint8 sample); ``streamseg_uint8``: the same into a
+    uint8 slot (``dtype="uint8"``); ``legacy``: the seed article's per-sample transform
     (``SeedArticleSequence.__getitem__``, from arrays in RAM); ``tf``: the TFRecord peer's
     ``_tf_augment`` in a one-thread tf.data map (tf.data's per-element cost included).  Each is
     run once before it is timed.  Sets OpenCV to one thread for good: call in a fresh process.
@@ -120,7 +121,8 @@ def augment_costs(memmap_store: str | os.PathLike, samples: int = 64, seed: int 
     import peers
     import tensorflow as tf
     from streamseg.pipeline.augment import Augment
-    from streamseg.pipeline.batches import normalize_into, sample_rng
+    from streamseg.pipeline.batches import sample_rng
+    from streamseg.pipeline.fused import augment_into
 
     base = Path(memmap_store)
     images = np.array(np.load(base / "images.npy", mmap_mode="r")[:samples])
@@ -141,10 +143,11 @@ def augment_costs(memmap_store: str | os.PathLike, samples: int = 64, seed: int 
     dst = np.empty(images.shape[1:], np.float32)
     offset, scale = np.zeros(1, np.float32), np.full(1, 1.0 / 255.0, np.float32)
 
-    def run_streamseg() -> None:
+    dst8 = np.empty(images.shape[1:], np.uint8)
+
+    def run_streamseg(out: np.ndarray = dst) -> None:
         for i in range(n):
-            img, _ = aug(images[i], masks[i], sample_rng(seed, 0, i), value_range=255.0)
-            normalize_into(img, dst, offset, scale)
+            augment_into(aug, images[i], masks[i], sample_rng(seed, 0, i), out, offset, scale, 255.0)
 
     seq = peers.SeedArticleSequence(images, masks, batch_size=min(32, n), seed=seed)
 
@@ -160,7 +163,8 @@ def augment_costs(memmap_store: str | os.PathLike, samples: int = 64, seed: int 
         for _ in ds:
             pass
 
-    return {"cv2": per_sample(run_cv2), "streamseg": per_sample(run_streamseg), "tf": per_sample(run_tf),
+    return {"cv2": per_sample(run_cv2), "streamseg": per_sample(run_streamseg),
+            "streamseg_uint8": per_sample(lambda: run_streamseg(dst8)), "tf": per_sample(run_tf),
             "legacy": per_sample(run_legacy, len(seq) * seq.batch_size)}
 
 
@@ -183,12 +187,13 @@ def smoke(data: dict[str, str], names: tuple[str, ...], batch_size: int, classes
             if hasattr(ds, "close"):
                 ds.close()
         problems = []
+        u8 = name.endswith("_uint8")  # images 0..255 and labels as uint8: the model normalises
         for x, y in batches:
-            if x.ndim != 4 or x.shape[0] != batch_size or x.shape[-1] != 3 or x.dtype != np.float32:
+            if x.ndim != 4 or x.shape[0] != batch_size or x.shape[-1] != 3 or x.dtype != (np.uint8 if u8 else np.float32):
                 problems.append(f"images {x.shape} {x.dtype}")
-            elif not (0.0 <= float(x.min()) and float(x.max()) <= 1.0):
+            elif not u8 and not (0.0 <= float(x.min()) and float(x.max()) <= 1.0):
                 problems.append(f"images outside [0, 1]: {float(x.min())}..{float(x.max())}")
-            if y.shape != x.shape[:3] + (1,) or y.dtype != np.int32:
+            if y.shape != x.shape[:3] + (1,) or y.dtype != (np.uint8 if u8 else np.int32):
                 problems.append(f"masks {y.shape} {y.dtype}")
             elif not (0 <= int(y.min()) and int(y.max()) < classes):
                 problems.append(f"labels outside [0, {classes}): {int(y.min())}..{int(y.max())}")

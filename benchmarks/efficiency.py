@@ -39,15 +39,17 @@ for _p in (str(ROOT), str(ROOT / "benchmarks")):
 __all__ = ["make_dataset", "floor", "full_speed", "main"]
 
 
-def make_dataset(store: str, augment: str | None, batch_size: int, workers: int, seed: int = 0) -> Any:
+def make_dataset(store: str, augment: str | None, batch_size: int, workers: int, seed: int = 0,
+                 dtype: str = "float32") -> Any:
     """The measured SegmentationDataset (window shuffle, drop_remainder, worker processes)."""
     from streamseg import SegmentationDataset
 
     return SegmentationDataset(store, batch_size, augment=augment, shuffle="window", seed=seed, workers=workers,
-                               use_multiprocessing=workers > 0, drop_remainder=True)
+                               use_multiprocessing=workers > 0, drop_remainder=True, dtype=dtype)
 
 
-def floor(store: str, augment: str | None, batch_size: int, batches: int, seed: int = 0) -> dict[str, Any]:
+def floor(store: str, augment: str | None, batch_size: int, batches: int, seed: int = 0,
+          dtype: str = "float32") -> dict[str, Any]:
     """Seconds per sample of BatchProducer.produce on one thread (read alone, and everything).
 
     Sets OpenCV to one thread for good: call in a fresh process.
@@ -58,11 +60,11 @@ def floor(store: str, augment: str | None, batch_size: int, batches: int, seed: 
     cv2.setNumThreads(1)
     from streamseg.pipeline.batches import BatchProducer
 
-    ds = make_dataset(store, augment, batch_size, workers=0, seed=seed)
+    ds = make_dataset(store, augment, batch_size, workers=0, seed=seed, dtype=dtype)
     producer = BatchProducer(ds.store, ds.options)
     producer.setup()
     h, w, c = ds.store.image_shape
-    (ishape, idt), (mshape, mdt) = ((batch_size, h, w, c), np.float32), ds.options.mask_spec(batch_size, h, w)
+    (ishape, idt), (mshape, mdt) = ds.options.image_spec(batch_size, h, w, c), ds.options.mask_spec(batch_size, h, w)
     out = {"images": np.empty(ishape, idt), "masks": np.empty(mshape, mdt)}
     n = len(ds)
     tasks = [(k // n, ds.batch_indices(k % n, k // n)) for k in range(batches)]
@@ -83,9 +85,9 @@ def floor(store: str, augment: str | None, batch_size: int, batches: int, seed: 
 
 
 def full_speed(store: str, augment: str | None, batch_size: int, workers: int, batches: int, warmup: int,
-               seed: int = 0) -> dict[str, Any]:
+               seed: int = 0, dtype: str = "float32") -> dict[str, Any]:
     """samples/s of iterating the dataset with ``workers`` processes, no consumer work."""
-    ds = make_dataset(store, augment, batch_size, workers=workers, seed=seed)
+    ds = make_dataset(store, augment, batch_size, workers=workers, seed=seed, dtype=dtype)
     got, t0, cpu0 = 0, None, None
     try:
         while got < warmup + batches:
@@ -133,12 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--cores", type=int, default=None, help="cores (default: this process's CPU affinity)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "uint8"], default="float32", help="batch image dtype")
     p.add_argument("--out", default=None, help="also write the result as JSON here")
     p.add_argument("--floor-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     augment = None if args.augment == "none" else args.augment
     if args.floor_child:
-        print(json.dumps(floor(args.store, augment, args.batch_size, args.batches, args.seed)))
+        print(json.dumps(floor(args.store, augment, args.batch_size, args.batches, args.seed, args.dtype)))
         return 0
     store = args.store
     if store is None:
@@ -146,16 +149,17 @@ def main(argv: list[str] | None = None) -> int:
 
         store = prepare_stores(args.data, args.count, args.size, formats=(args.backend,))[args.backend]
     cmd = [sys.executable, __file__, "--floor-child", "--store", store, "--augment", args.augment,
-           "--batches", str(args.batches), "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
+           "--batches", str(args.batches), "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--dtype", args.dtype]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)
         return proc.returncode
     fl = json.loads(proc.stdout.strip().splitlines()[-1])
-    rate = full_speed(store, augment, args.batch_size, args.workers, args.batches, args.warmup, args.seed)
+    rate = full_speed(store, augment, args.batch_size, args.workers, args.batches, args.warmup, args.seed,
+                      args.dtype)
     cores = args.cores or len(os.sched_getaffinity(0))
     eff = rate["samples_per_s"] / (cores * fl["floor_samples_per_s"])
-    result = {"store": store, "augment": args.augment, "batch_size": args.batch_size, "workers": args.workers,
+    result = {"store": store, "augment": args.augment, "dtype": args.dtype, "batch_size": args.batch_size, "workers": args.workers,
               "cores": cores, "floor": fl, "full_speed": rate, "efficiency": eff}
     print(f"store {store} (augment={args.augment}, batch {args.batch_size})")
     print(f"floor (1 thread, BatchProducer.produce): {fl['floor_samples_per_s']:.1f} samples/s "

@@ -72,7 +72,7 @@ __all__ = ["PEERS", "PIPELINES", "LABELS", "PipelineSkipped", "standard_transfor
 PEERS = ("seed_article", "zarr_per_sample", "tfdata_tfrecord", "tfdata_generator", "tfdata_map_batch_memmap",
          "tfdata_map_sample_memmap", "tfdata_map_batch_zarr", "pydataset_memmap_threads",
          "pydataset_memmap_processes")
-PIPELINES = PEERS + ("streamseg_zarr", "streamseg_memmap")
+PIPELINES = PEERS + ("streamseg_zarr", "streamseg_memmap", "streamseg_zarr_uint8", "streamseg_memmap_uint8")
 LABELS = {
     "seed_article": "seed article: NumPy in RAM + legacy ImageDataGenerator",
     "zarr_per_sample": "Keras PyDataset, zarr arr[i] per sample + OpenCV",
@@ -85,11 +85,14 @@ LABELS = {
     "pydataset_memmap_processes": "Keras PyDataset over memmap + OpenCV, worker processes",
     "streamseg_zarr": "streamseg SegmentationDataset (zarr)",
     "streamseg_memmap": "streamseg SegmentationDataset (memmap)",
+    "streamseg_zarr_uint8": "streamseg SegmentationDataset (zarr), dtype='uint8' (the model normalises)",
+    "streamseg_memmap_uint8": "streamseg SegmentationDataset (memmap), dtype='uint8' (the model normalises)",
 }
 BACKENDS = {"seed_article": "ram", "zarr_per_sample": "zarr", "tfdata_tfrecord": "tfrecord",
             "tfdata_generator": "memmap", "tfdata_map_batch_memmap": "memmap", "tfdata_map_sample_memmap": "memmap",
             "tfdata_map_batch_zarr": "zarr", "pydataset_memmap_threads": "memmap",
-            "pydataset_memmap_processes": "memmap", "streamseg_zarr": "zarr", "streamseg_memmap": "memmap"}
+            "pydataset_memmap_processes": "memmap", "streamseg_zarr": "zarr", "streamseg_memmap": "memmap",
+            "streamseg_zarr_uint8": "zarr", "streamseg_memmap_uint8": "memmap"}
 ROTATE, ZOOM, SHIFT, BRIGHTNESS, CONTRAST = 15.0, (0.9, 1.1), 0.05, 0.1, 0.1
 
 
@@ -436,9 +439,10 @@ def build_pipeline(name: str, data: dict[str, str], *, workers: int, batch_size:
     if name in ("pydataset_memmap_threads", "pydataset_memmap_processes"):
         return MemmapPyDataset(data["memmap"], batch_size, seed, workers=workers,
                                use_multiprocessing=name.endswith("_processes"))
-    if name in ("streamseg_zarr", "streamseg_memmap"):
+    if name in ("streamseg_zarr", "streamseg_memmap", "streamseg_zarr_uint8", "streamseg_memmap_uint8"):
         from streamseg import SegmentationDataset
 
         return SegmentationDataset(data[name.split("_")[1]], batch_size, augment="standard", shuffle="window",
-                                   seed=seed, workers=workers, use_multiprocessing=True, drop_remainder=True)
+                                   seed=seed, workers=workers, use_multiprocessing=True, drop_remainder=True,
+                                   dtype="uint8" if name.endswith("_uint8") else "float32")
     raise ValueError(f"Unknown pipeline {name!r}; choose from {', '.join(PIPELINES)}. Received: {name!r}")

@@ -98,11 +98,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int, choices=[1, 3], help="convert images to 1 or 3 channels")
     p.add_argument("--image-dtype", choices=["uint8"], help="store 16-bit images as 8-bit")
     _add_convert_options(p)
+    p.add_argument("--dask", metavar="SCHEDULER", default=None,
+                   help="write the chunks on a Dask cluster, one task per chunk: tcp://HOST:PORT (a running "
+                   "scheduler; DST must be a path every worker sees, e.g. a shared file system) or local:N "
+                   "(N worker processes here); same store as without, --resume works; not with --workers "
+                   "or --layout volumes")
     _add_volume_options(p)
+    g = p.add_argument_group("object storage (DST a URL: s3://bucket/data.zarr; gs://, az://, file:// through fsspec)")
+    g.add_argument("--storage-option", action="append", default=None, metavar="KEY=VALUE",
+                   help="fsspec file system option, repeatable, e.g. endpoint_url=http://localhost:9000 (JSON values "
+                   "parsed); credentials come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws")
+    g.add_argument("--staging", default=None, metavar="DIR",
+                   help="local folder the store is converted in before the upload (needs the store's size of "
+                   "free disk; default the system temp folder); removed once uploaded")
 
     p = sub.add_parser("info", help="describe a store")
     p.add_argument("store")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--storage-option", action="append", default=None, metavar="KEY=VALUE",
+                   help="for a store URL (s3://...): fsspec file system option, repeatable")
 
     p = sub.add_parser("verify", help="re-read every chunk and check its checksum")
     p.add_argument("store")
@@ -195,6 +209,7 @@ def _cmd_synth(args: argparse.Namespace) -> None:
 
 def _cmd_convert(args: argparse.Namespace) -> None:
     from .store.converter import convert
+    from .store.remote_fs import parse_storage_options
 
     store = convert(args.src, args.dst, images=args.images, masks=args.masks, images_key=args.images_key,
                     masks_key=args.masks_key, images_dir=args.images_dir, masks_dir=args.masks_dir,
@@ -206,7 +221,8 @@ def _cmd_convert(args: argparse.Namespace) -> None:
                     axis=args.axis, context=args.context, skip_empty=args.skip_empty,
                     keep_empty=args.keep_empty, remap_labels=args.remap_labels, seed=args.seed,
                     mask_dtype=args.mask_dtype, spacing=tuple(args.spacing) if args.spacing else None,
-                    chunk_shape=tuple(args.chunk_shape) if args.chunk_shape else None)
+                    chunk_shape=tuple(args.chunk_shape) if args.chunk_shape else None, dask=args.dask,
+                    storage_options=parse_storage_options(args.storage_option), staging=args.staging)
     if not args.quiet:
         from .store.volume_info import volume_summary
 
@@ -222,9 +238,15 @@ def _cmd_info(args: argparse.Namespace) -> None:
     from .store.inspect import format_info, store_info
     from .store.layout import load_manifest
     from .store.volume_info import volume_lines, volume_summary
+    from .store.remote_fs import is_url, parse_storage_options
 
-    info = store_info(args.store)
-    vols = volume_summary(load_manifest(Path(args.store)))
+    if is_url(args.store) or args.storage_option:
+        from .store.remote_upload import remote_store_info
+
+        info, vols = remote_store_info(args.store, parse_storage_options(args.storage_option)), None
+    else:
+        info = store_info(args.store)
+        vols = volume_summary(load_manifest(Path(args.store)))
     if args.json:
         if vols is not None:
             info["volumes"] = vols

@@ -16,7 +16,7 @@ _MASK_MODES = ("sparse", "onehot", "binary")
 
 
 def small_unet(input_shape: tuple[int, int, int], num_classes: int, *, base_filters: int = 8,
-               depth: int = 2, mask_mode: str = "sparse") -> Any:
+               depth: int = 2, mask_mode: str = "sparse", preprocess: Any = None) -> Any:
     """Build and compile a small U-Net.
 
     Parameters
@@ -31,6 +31,9 @@ def small_unet(input_shape: tuple[int, int, int], num_classes: int, *, base_filt
         Down-sampling steps.
     mask_mode : {"sparse", "onehot", "binary"}
         Chooses the output activation and loss to match :class:`SegmentationDataset`.
+    preprocess : keras.layers.Layer, optional
+        Applied to the input first, e.g. ``ds.normalization_layer()`` for ``dtype="uint8"``
+        batches (the model then takes uint8 images).
 
     Returns
     -------
@@ -38,7 +41,7 @@ def small_unet(input_shape: tuple[int, int, int], num_classes: int, *, base_filt
         Compiled with Adam.
     """
     return _unet(tuple(input_shape), num_classes, base_filters=base_filters, depth=depth, mask_mode=mask_mode,
-                 dims=2, name="small_unet")
+                 dims=2, name="small_unet", preprocess=preprocess)
 
 
 def _positive_int(value: Any) -> bool:
@@ -104,7 +107,7 @@ def small_unet3d(input_shape: tuple[int, int, int, int], num_classes: int, *, ba
 
 
 def _unet(input_shape: tuple[int, ...], num_classes: int, *, base_filters: int, depth: int, mask_mode: str,
-          dims: int, name: str) -> Any:
+          dims: int, name: str, preprocess: Any = None) -> Any:
     """The U-Net both builders share: ``dims``-D convolutions, compiled with Adam (imports Keras)."""
     import keras
     from keras import layers
@@ -113,7 +116,7 @@ def _unet(input_shape: tuple[int, ...], num_classes: int, *, base_filters: int, 
     pool = layers.MaxPooling2D if dims == 2 else layers.MaxPooling3D
     up = layers.Conv2DTranspose if dims == 2 else layers.Conv3DTranspose
     inputs = keras.Input(input_shape)
-    x = inputs
+    x = inputs if preprocess is None else preprocess(inputs)
     skips = []
     for level in range(depth):
         f = base_filters * 2**level

@@ -67,6 +67,8 @@ class Feeder:
         Called (if still alive) whenever the pool is closed.
     priority : {"normal", "low", "idle"}
         Scheduling priority of worker processes.
+    affinity : callable, optional
+        ``affinity(key) -> group`` for :class:`~streamseg.parallel.pool.BatchPool`.
     """
 
     LEND = 4
@@ -78,7 +80,7 @@ class Feeder:
     def __init__(self, producer: Any, slots: dict[str, tuple[tuple[int, ...], np.dtype]], *,
                  workers: int, use_multiprocessing: bool, max_queue_size: int,
                  start_method: str | None, keep_alive: float, on_close: Any = None,
-                 priority: str = "normal") -> None:
+                 priority: str = "normal", affinity: Callable[[Hashable], Hashable | None] | None = None) -> None:
         self.producer = producer
         self.slots = slots
         self.workers = workers
@@ -87,9 +89,13 @@ class Feeder:
         self.start_method = start_method
         self.keep_alive = keep_alive
         self.priority = priority
+        self.affinity = affinity
         self._pid = os.getpid()
         self._pool: BatchPool | None = None
         self._lock = threading.RLock()
+        self._defer_lock = threading.Lock()  # guards _waiting and _deferred (never held long)
+        self._waiting = 0  # fetches holding _lock while they wait for a worker's result
+        self._deferred: tuple[Callable[[Hashable], bool] | None] | None = None
         self._timer: threading.Timer | None = None
         self.buffers = BufferRecycler()
         self.on_close = on_close
@@ -112,6 +118,8 @@ class Feeder:
         if os.getpid() != self._pid:
             self._pid = os.getpid()
             self._lock = threading.RLock()
+            self._defer_lock = threading.Lock()
+            self._waiting, self._deferred = 0, None
             self._pool = None  # never closed from here: the parent's workers are its own
             self._timer = None
             self.buffers = BufferRecycler()
@@ -132,7 +140,8 @@ class Feeder:
             self._pool = BatchPool(self.producer, self.slots, workers=max(1, self.workers),
                                    use_processes=self.use_multiprocessing,
                                    num_slots=self.ahead + 1 + self.LEND, start_method=self.start_method,
-                                   lend=self.LEND, allocate=self.buffers.empty, priority=self.priority)
+                                   lend=self.LEND, allocate=self.buffers.empty, priority=self.priority,
+                                   affinity=self.affinity)
         return self._pool
 
     def fetch(self, key: Hashable, task: Any, upcoming: Iterable[tuple[Hashable, Any]] = (), *,
@@ -172,13 +181,21 @@ class Feeder:
             for k, t in wanted:
                 if k not in pending:
                     pool.submit(k, t)
+            with self._defer_lock:
+                self._waiting += 1
             try:  # under the lock: a concurrent caller must not drop this key meanwhile
                 return pool.result(key, lend=lend)
             except BaseException:
                 self.close()
                 raise
+            finally:
+                with self._defer_lock:
+                    self._waiting -= 1
+                    deferred, self._deferred = self._deferred, None
+                if deferred is not None and self._pool is not None and not self._pool.closed:
+                    self._finish_epoch(deferred[0])
 
-    def epoch_finished(self, keep: Callable[[Hashable], bool] | None = None) -> None:
+    def epoch_finished(self, keep: Callable[[Hashable], bool] | None = None, *, defer: bool = False) -> None:
         """Drop work ahead and close the pool after ``keep_alive`` seconds of silence.
 
         Parameters
@@ -186,22 +203,37 @@ class Feeder:
         keep : callable, optional
             ``keep(key)`` is true for pending batches to keep (e.g. the first batches of
             the next epoch, produced ahead across the epoch boundary).
+        defer : bool
+            If another thread's :meth:`fetch` is waiting for a result (the hand-over thread
+            collecting the next epoch's first batch), leave this to that fetch, which does it
+            as soon as its result is in, instead of waiting for it (``on_epoch_end`` would
+            otherwise block the training loop for a whole batch: 40-120 ms at full speed).
         """
         if sys.is_finalizing():  # no new threads at interpreter exit; the pool's finalizer cleans up
             return
         self._check_process()
+        if defer:
+            with self._defer_lock:
+                if self._waiting:
+                    self._deferred = (keep,)
+                    return
         with self._lock:
             if self._pool is not None and not self._pool.closed:
-                for key in self._pool.pending():
-                    if keep is None or not keep(key):
-                        self._pool.discard(key)
-                self._cancel_timer()
-                if self.keep_alive <= 0:
-                    self.close()
-                else:
-                    self._timer = threading.Timer(self.keep_alive, self.close)
-                    self._timer.daemon = True
-                    self._timer.start()
+                self._finish_epoch(keep)
+
+    def _finish_epoch(self, keep: Callable[[Hashable], bool] | None) -> None:
+        """:meth:`epoch_finished`'s work, with ``_lock`` held and the pool open."""
+        assert self._pool is not None
+        for key in self._pool.pending():
+            if keep is None or not keep(key):
+                self._pool.discard(key)
+        self._cancel_timer()
+        if self.keep_alive <= 0:
+            self.close()
+        else:
+            self._timer = threading.Timer(self.keep_alive, self.close)
+            self._timer.daemon = True
+            self._timer.start()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

@@ -109,12 +109,13 @@ class _Entry:
     """Book-keeping of one submitted task."""
 
     __slots__ = ("key", "ticket", "task", "slot", "state", "n", "data", "error", "worker",
-                 "discarded", "about")
+                 "discarded", "about", "group")
 
     def __init__(self, key: Hashable, ticket: int, task: Any, about: Any = None) -> None:
         self.key, self.ticket, self.task, self.slot, self.about = key, ticket, task, None, about
         self.state = "waiting"  # waiting (for a slot) -> queued -> done | failed
         self.n, self.data, self.error, self.worker, self.discarded = 0, None, None, None, False
+        self.group: Hashable | None = None
 
 
 class BatchPool:
@@ -151,6 +152,10 @@ class BatchPool:
     priority : {"normal", "low", "idle"}
         Scheduling priority of worker processes (see :data:`streamseg.parallel.workers.PRIORITIES`);
         anything but "normal" needs ``use_processes=True`` and ``workers >= 1``.
+    affinity : callable, optional
+        ``affinity(key)`` names the group of a task (e.g. the window of chunks a batch reads):
+        worker processes take the tasks of a group on one worker while it is not two tasks
+        behind, else the least loaded one takes them (threads share one queue).
 
     Notes
     -----
@@ -167,7 +172,8 @@ class BatchPool:
                  *, workers: int = 1, use_processes: bool = True, num_slots: int = 4,
                  start_method: str | None = None, poll_interval: float = 0.1,
                  name: str = "streamseg", lend: int = 0,
-                 allocate: Callable[..., np.ndarray] | None = None, priority: str = "normal") -> None:
+                 allocate: Callable[..., np.ndarray] | None = None, priority: str = "normal",
+                 affinity: Callable[[Hashable], Hashable | None] | None = None) -> None:
         if not callable(getattr(producer, "produce", None)):
             raise OptionError(f"producer needs a produce(task, out) method; got {producer!r}")
         if int(workers) < 0 or int(num_slots) < 1 or not poll_interval > 0:
@@ -184,6 +190,7 @@ class BatchPool:
         self._backlog: deque[_Entry] = deque()
         self._free = list(range(int(num_slots)))[::-1]
         self._describe = getattr(producer, "describe", None)
+        self._affinity = affinity  # key -> group: tasks of a group prefer one worker process
         with EXIT_GATE.admit():  # at exit: refused; else the finalizer is in place before exit
             if use_processes and workers > 0:
                 self._backend: Any = ProcessBackend(producer, fields, stride, int(num_slots),
@@ -229,6 +236,7 @@ class BatchPool:
         if self._backend.shms:  # pickle now: fail here, not in the feeder thread
             task = pickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL)
         entry = _Entry(key, self._next_ticket, task, about)
+        entry.group = self._affinity(key) if self._affinity is not None else None
         self._next_ticket += 1
         self._pending[key] = entry
         self._backlog.append(entry)
@@ -341,7 +349,7 @@ class BatchPool:
             entry = self._backlog.popleft()
             entry.slot, entry.state = self._free.pop(), "queued"
             self._tickets[entry.ticket] = entry
-            self._backend.send(entry.ticket, entry.slot, entry.task)
+            self._backend.send(entry.ticket, entry.slot, entry.task, entry.group)
             entry.task = None
 
     def _release(self, entry: _Entry) -> None:

@@ -219,7 +219,12 @@ class ProcessBackend:
         ctx = mp.get_context(start_method)
         self.owner, self.closed, self.procs, self.conns = os.getpid(), False, [], []
         self.holds: weakref.WeakSet = weakref.WeakSet()  # of _SlotHold: lent slots in use
-        self.tasks, self.stop = ctx.Queue(), ctx.RawValue("b", 0)
+        # one task queue per worker: batches of one group (the window of chunks they read) go to
+        # the same worker while it is not behind, so its decoded-chunk cache serves them
+        self.tasks = [ctx.Queue() for _ in range(max(1, workers))]
+        self.stop = ctx.RawValue("b", 0)
+        self.outstanding = [0] * max(1, workers)  # tasks sent to each worker and not reported
+        self._groups: dict[Any, int] = {}  # recent group -> worker
         prefix = re.sub(r"[^A-Za-z0-9_-]", "", name)[:12] or "streamseg"
         token = f"{prefix}_{os.getpid()}_{secrets.token_hex(4)}"
         self.shms: list[Any] = []
@@ -258,7 +263,7 @@ class ProcessBackend:
             reader, writer = ctx.Pipe(duplex=False)
             self.procs.append(ctx.Process(
                 target=_process_worker, name=f"{name}-worker-{i}", daemon=True,
-                args=(producer, [shm.name for shm in self.shms], fields, rows, self.tasks,
+                args=(producer, [shm.name for shm in self.shms], fields, rows, self.tasks[i],
                       self.stop, writer, poll, priority)))
             self.conns.append(reader)
             try:
@@ -266,8 +271,26 @@ class ProcessBackend:
             finally:
                 writer.close()  # keep only the child's end, so its death reads as EOF
 
-    def send(self, ticket: int, slot: int, payload: bytes) -> None:
-        self.tasks.put((ticket, slot, payload))
+    def send(self, ticket: int, slot: int, payload: bytes, group: Any = None) -> None:
+        """Queue a task on the worker of its ``group`` (if that one is not behind), else on the
+        least loaded worker."""
+        worker = self._pick(group)
+        self.outstanding[worker] += 1
+        self.tasks[worker].put((ticket, slot, payload))
+
+    _BEHIND = 2  # a group's worker with this many tasks waiting is behind: use another one
+
+    def _pick(self, group: Any) -> int:
+        least = min(range(len(self.outstanding)), key=self.outstanding.__getitem__)
+        if group is None:
+            return least
+        worker = self._groups.get(group)
+        if worker is None or self.outstanding[worker] >= self._BEHIND:
+            worker = least
+            self._groups[group] = worker
+            while len(self._groups) > 4 * len(self.outstanding):
+                self._groups.pop(next(iter(self._groups)))  # oldest group first
+        return worker
 
     def collect(self, timeout: float, want: int | None) -> tuple[list, tuple | None]:
         """Wait up to ``timeout``; return ([(worker, message)], (dead worker, text) or None)."""
@@ -276,7 +299,10 @@ class ProcessBackend:
         for i, conn in enumerate(self.conns):
             try:
                 while conn.poll():
-                    msgs.append((i, conn.recv()))
+                    msg = conn.recv()
+                    if msg[0] != "start":
+                        self.outstanding[i] = max(0, self.outstanding[i] - 1)
+                    msgs.append((i, msg))
             except (EOFError, OSError):
                 dead.append(i)
         dead += [i for i, proc in enumerate(self.procs) if proc.exitcode is not None]
@@ -303,8 +329,9 @@ class ProcessBackend:
                     proc.join(1.0)
         for conn in self.conns:
             conn.close()
-        self.tasks.cancel_join_thread()  # never block exit on undelivered tasks
-        self.tasks.close()
+        for tasks in self.tasks:
+            tasks.cancel_join_thread()  # never block exit on undelivered tasks
+            tasks.close()
         self.views = None
         held = {id(hold.shm) for hold in list(self.holds)}
         for shm in self.shms:
@@ -335,7 +362,8 @@ class ThreadBackend:
         for thread in self.threads:
             thread.start()
 
-    def send(self, ticket: int, slot: int, task: Any) -> None:
+    def send(self, ticket: int, slot: int, task: Any, group: Any = None) -> None:
+        """Queue a task (threads share one queue and one process: ``group`` does not matter)."""
         if self.threads:
             self.tasks.put((ticket, slot, task))
         else:

@@ -102,7 +102,8 @@ class KerasAdapterMixin:
 
         h, w, c = self.store.image_shape
         shape, dtype = self.options.mask_spec(self.batch_size_value, h, w)
-        return (tf.TensorSpec((None, h, w, c), tf.float32),
+        _, image_dtype = self.options.image_spec(self.batch_size_value, h, w, c)
+        return (tf.TensorSpec((None, h, w, c), tf.as_dtype(image_dtype)),
                 tf.TensorSpec((None,) + shape[1:], tf.as_dtype(dtype)))
 
     def get_numpy_iterator(self) -> Any:

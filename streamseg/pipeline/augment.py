@@ -408,14 +408,19 @@ class Augment:
         return img, m.astype(out_dtype, copy=False)
 
     @staticmethod
-    def _photo(img: np.ndarray, p: dict[str, Any], vr: float, integer: bool) -> np.ndarray:
+    def _photo(img: np.ndarray, p: dict[str, Any], vr: float, integer: bool,
+               mean: float | None = None) -> np.ndarray:
+        """Photometric ops in place on float32 ``img``; ``mean``: the image mean contrast
+        works around (default: ``img``'s own; given when ``img`` is a lookup table)."""
         if all(p[k] is None for k in _PHOTO):
             return img
         if p["brightness"] is not None or p["contrast"] is not None:
             factor = 1.0 if p["contrast"] is None else p["contrast"]
             offset = 0.0 if p["brightness"] is None else p["brightness"] * vr
             if factor != 1.0:
-                offset += float(cv2.mean(img.reshape(img.shape[0], -1))[0]) * (1.0 - factor)
+                if mean is None:
+                    mean = float(cv2.mean(img.reshape(img.shape[0], -1))[0])
+                offset += mean * (1.0 - factor)
                 img *= np.float32(factor)
             img += np.float32(offset)
         if p["gamma"] is not None:

@@ -16,8 +16,9 @@ import numpy as np
 
 from ..errors import LabelError, OptionError, StreamsegError, WorkerError, truncate
 from ..store.reader import Store
+from .fused import augment_into, clip_into, fusable, normalize_into, normalize_uint8_into
 
-__all__ = ["BatchOptions", "epoch_order", "normalize_into", "clip_into", "sample_rng", "BatchProducer",
+__all__ = ["BatchOptions", "epoch_order", "window_group", "normalize_into", "clip_into", "sample_rng", "BatchProducer",
            "SHUFFLE_MODES", "MASK_MODES", "NORMALIZE_MODES"]
 
 SHUFFLE_MODES = ("window", "uniform", "none")
@@ -57,39 +58,12 @@ def epoch_order(indices: np.ndarray, *, seed: int, epoch: int, mode: str, chunk_
     return indices[np.lexsort((jitter, window))]
 
 
-def normalize_into(src: np.ndarray, dst: np.ndarray, offset: np.ndarray, scale: np.ndarray) -> None:
-    """``dst[...] = (src - offset) * scale`` per channel, in float32, without slow broadcasts.
-
-    ``dst`` is C-contiguous with channels last.  Uniform offsets/scales use scalars; per-channel
-    ones are tiled along a whole image row, so NumPy's inner loops stay long (a length-3 inner
-    loop is ~10x slower on a 32x256x256x3 batch).
-    """
-    np.copyto(dst, src, casting="unsafe")
-    c = dst.shape[-1]
-    rows = dst.reshape(-1, dst.shape[-2] * c) if dst.ndim >= 2 else dst.reshape(1, -1)
-    for vec, op in ((offset, np.subtract), (scale, np.multiply)):
-        if np.all(vec == vec.flat[0]):
-            value = np.float32(vec.flat[0])
-            if value != (0.0 if op is np.subtract else 1.0):
-                op(rows, value, out=rows)
-        else:
-            op(rows, np.tile(vec.astype(np.float32), rows.shape[1] // c), out=rows)
-
-
-def clip_into(dst: np.ndarray, low: np.ndarray, high: np.ndarray) -> None:
-    """Clip C-contiguous channels-last float32 ``dst`` in place to per-channel ``[low, high]``.
-
-    Like :func:`normalize_into`: scalars when every channel agrees, else bounds tiled along a
-    whole image row.
-    """
-    c = dst.shape[-1]
-    rows = dst.reshape(-1, dst.shape[-2] * c) if dst.ndim >= 2 else dst.reshape(1, -1)
-    low, high = np.asarray(low, np.float32).reshape(-1), np.asarray(high, np.float32).reshape(-1)
-    if np.all(low == low[0]) and np.all(high == high[0]):
-        np.clip(rows, low[0], high[0], out=rows)
-    else:
-        reps = rows.shape[1] // c
-        np.clip(rows, np.tile(low, reps), np.tile(high, reps), out=rows)
+def window_group(key: tuple[int, int], batch_size: int, window_samples: int, batch_ids: np.ndarray
+                 ) -> tuple[int, int]:
+    """The shuffle window batch ``key = (epoch, i)`` starts in: batches of one window read the
+    same chunks, so the pool gives them to one worker (its decoded-chunk cache serves them)."""
+    epoch, i = key
+    return epoch, int(batch_ids[i]) * batch_size // max(1, window_samples)
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -116,13 +90,18 @@ class BatchOptions:
     group_offset: np.ndarray | None = None     # (G, C), replaces image_offset per sample
     group_scale: np.ndarray | None = None      # (G, C)
     normalize_first: bool = False              # normalise, then augment normalised values
+    transport: str = "float32"                 # "uint8": images not normalised, sparse masks uint8
+    cache_chunks: int = 0                      # decoded chunks each worker keeps per array (zarr)
+
+    def image_spec(self, batch: int, h: int, w: int, c: int) -> tuple[tuple[int, ...], np.dtype]:
+        return (batch, h, w, c), np.dtype(np.uint8 if self.transport == "uint8" else np.float32)
 
     def mask_spec(self, batch: int, h: int, w: int) -> tuple[tuple[int, ...], np.dtype]:
         if self.mask_mode == "onehot":
             return (batch, h, w, self.num_classes), np.dtype(np.float32)
         if self.mask_mode == "binary":
             return (batch, h, w, 1), np.dtype(np.float32)
-        return (batch, h, w, 1), np.dtype(np.int32)
+        return (batch, h, w, 1), np.dtype(np.uint8 if self.transport == "uint8" else np.int32)
 
 
 class BatchProducer:
@@ -142,6 +121,8 @@ class BatchProducer:
         from numcodecs import blosc
 
         blosc.use_threads = False
+        if self.options.cache_chunks:
+            self.store.keep_decoded_chunks(self.options.cache_chunks)
 
     def describe(self, task: tuple[int, np.ndarray], shown: int = 4) -> str:
         """Which samples ``task`` reads, their source names and the store, for error messages.
@@ -219,9 +200,14 @@ class BatchProducer:
                 label_src[j] = msk
         else:
             label_src = np.empty_like(raw_masks)
+            fused = fusable(aug, raw_images.dtype, raw_images.shape[-1])  # uint8: one table pass per sample
             for j in range(n):
-                img, msk = aug(raw_images[j], raw_masks[j], sample_rng(opts.seed, epoch, idx[j]),
-                               value_range=opts.value_range)
+                rng = sample_rng(opts.seed, epoch, idx[j])
+                if fused:
+                    label_src[j] = augment_into(aug, raw_images[j], raw_masks[j], rng, images[j],
+                                                opts.image_offset, opts.image_scale, opts.value_range)
+                    continue
+                img, msk = aug(raw_images[j], raw_masks[j], rng, value_range=opts.value_range)
                 normalize_into(img, images[j], opts.image_offset, opts.image_scale)
                 label_src[j] = msk
         self._encode_masks(label_src, masks[:n])
@@ -231,7 +217,10 @@ class BatchProducer:
         """``dst = clip_out((clip_in(src) - offset) * scale)``, offsets per sample or per store."""
         opts = self.options
         if opts.clip_in is None and opts.clip_out is None and opts.sample_group is None:
-            normalize_into(src, dst, opts.image_offset, opts.image_scale)
+            if fusable(None, src.dtype, src.shape[-1]):
+                normalize_uint8_into(src, dst, opts.image_offset, opts.image_scale)
+            else:
+                normalize_into(src, dst, opts.image_offset, opts.image_scale)
             return
         np.copyto(dst, src, casting="unsafe")
         if opts.clip_in is not None:

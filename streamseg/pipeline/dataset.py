@@ -16,6 +16,7 @@ Randomness is a pure function of ``(seed, epoch, sample index)``; the epoch adva
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import queue
@@ -29,18 +30,12 @@ from numpy.typing import ArrayLike
 import numpy as np
 
 from .augment import Augment
-from .batches import (
-    MASK_MODES,
-    SHUFFLE_MODES,
-    BatchOptions,
-    BatchProducer,
-    epoch_order,
-    validate_choice,
-)
+from .batches import MASK_MODES, SHUFFLE_MODES, BatchOptions, BatchProducer, epoch_order, validate_choice, window_group
 from .adapter import KerasAdapterMixin
 from .intensity import intensity_options
 from .resume import ResumeMixin
 from .split import split
+from .transport import check_transport, normalization_layer
 from ..errors import LabelError, OptionError, StreamsegError, reject_unknown_keywords, truncate
 from ..parallel.feeder import Feeder
 from ..parallel.workers import check_priority
@@ -72,7 +67,7 @@ class _Carry:
         self.done = threading.Event()
 
 _OPTIONS = ("indices", "shuffle", "seed", "augment", "mask_mode", "num_classes", "normalize", "window",
-            "drop_remainder", "shard", "window_chunks", "workers", "use_multiprocessing",
+            "dtype", "drop_remainder", "shard", "window_chunks", "workers", "use_multiprocessing",
             "max_queue_size", "start_method", "keep_alive", "worker_priority")
 
 
@@ -119,6 +114,11 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, ResumeMixin, _DataAdapte
     window : (float, float), optional
         ``(lo, hi)`` of ``normalize="window"``, ``lo < hi``, in stored units; required there
         and refused with any other mode.
+    dtype : {"float32", "uint8"}
+        Images as normalised float32 (default), or as uint8 that the model normalises with
+        :meth:`normalization_layer` (uint8 stores, ``normalize`` "unit"/"standardize"/None):
+        4x fewer bytes per batch through shared memory and onto the device; sparse masks are
+        uint8 too.  See :mod:`streamseg.pipeline.transport`.
     drop_remainder : bool
         Drop the last partial batch.
     shard : (index, count), optional
@@ -162,6 +162,7 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, ResumeMixin, _DataAdapte
         num_classes: int | None = None,
         normalize: str | None = "unit",
         window: tuple[float, float] | None = None,
+        dtype: str = "float32",
         drop_remainder: bool = False,
         shard: tuple[int, int] | None = None,
         window_chunks: int | None = None,
@@ -263,8 +264,11 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, ResumeMixin, _DataAdapte
             augment.check_2d()  # dflip / rot90_plane are for PatchDataset
         if augment is not None and augment.is_identity:
             augment = None
+        transport = check_transport(o["dtype"], image_dtype=self.store.image_dtype, channels=self.store.image_shape[2],
+                                    normalize=intensity["normalize"], normalize_first=intensity["normalize_first"],
+                                    augment=augment)
         self.options = BatchOptions(seed=self.seed, augment=augment, mask_mode=o["mask_mode"],
-                                    num_classes=int(num_classes), **intensity)
+                                    num_classes=int(num_classes), transport=transport, **intensity)
         self.augment = augment
         self.mask_mode = o["mask_mode"]
         self.num_classes = int(num_classes)
@@ -285,15 +289,26 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, ResumeMixin, _DataAdapte
         priority = self._worker_priority(o)
         h, w, c = self.store.image_shape
         b = self.batch_size_value
-        slots = {"images": ((b, h, w, c), np.dtype(np.float32)), "masks": self.options.mask_spec(b, h, w)}
+        slots = {"images": self.options.image_spec(b, h, w, c), "masks": self.options.mask_spec(b, h, w)}
+        affinity = None
+        if self.shuffle_mode == "window" and self.store.backend == "zarr":  # decode each chunk ~once
+            self.options.cache_chunks = self.window_chunks + 2
+            affinity = functools.partial(window_group, batch_size=b, batch_ids=self._batch_ids,
+                                         window_samples=self.window_chunks * self.store.chunk_samples)
         self._feeder = Feeder(BatchProducer(self.store, self.options), slots, workers=int(workers),
                               use_multiprocessing=bool(mp_flag), max_queue_size=int(queue),
                               start_method=o["start_method"], keep_alive=float(o["keep_alive"]),
-                              on_close=weakref.WeakMethod(self._forget_carry), priority=priority)
+                              on_close=weakref.WeakMethod(self._forget_carry), priority=priority,
+                              affinity=affinity)
 
     def _forget_carry(self) -> None:
         """The workers stopped (close(), keep_alive or an error): drop the next epoch's batch."""
         self._carry = None
+
+    def normalization_layer(self) -> Any:
+        """Keras layer normalising this dataset's images in the model (``Rescaling`` for
+        ``dtype="uint8"``, ``Identity`` for float32 batches): see :mod:`.transport`."""
+        return normalization_layer(self.options)
 
     # ------------------------------------------------------------------ Sequence protocol
     def __len__(self) -> int:
@@ -458,7 +473,7 @@ class SegmentationDataset(PyDataset, KerasAdapterMixin, ResumeMixin, _DataAdapte
             self._epoch_used = False
             self._next_batch = self._start_at = 0
         current = self._epoch
-        self._feeder.epoch_finished(keep=lambda key: key[0] >= current)
+        self._feeder.epoch_finished(keep=lambda key: key[0] >= current, defer=True)
 
     def close(self) -> None:
         """Stop worker processes and free shared memory now.

@@ -6,5 +6,7 @@ Never imports :mod:`streamseg.pipeline`, :mod:`streamseg.parallel` or :mod:`stre
 """
 
 from .reader import Store, open_store
+from .remote import RemoteStore
+from .remote_fs import RemoteStoreError
 
-__all__ = ["Store", "open_store"]
+__all__ = ["Store", "open_store", "RemoteStore", "RemoteStoreError"]

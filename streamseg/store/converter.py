@@ -30,6 +30,7 @@ from ..progress import Progress
 from ..io.sources import ArraySource, FolderSource, SynthSource, prepare_pair
 from ._orphans import die_with_parent
 from ._tasks import run_bounded
+from .dask_run import DaskRunner, check_dask_options, dask_runner, memory_workers
 from .lock import DestinationLock
 from .reader import Store, open_store
 from .volume_convert import chunk_segments, is_volume_input, largest_case_bytes, refuse_slice_store_options, \
@@ -181,7 +182,8 @@ def convert(src: str | os.PathLike | None = None, dst: str | os.PathLike | None 
             skip_empty: bool | None = None, keep_empty: float | None = None,
             remap_labels: bool | None = None, seed: int | None = None,
             mask_dtype: str | None = None, spacing: tuple[float, float, float] | None = None,
-            chunk_shape: tuple[int, int, int] | None = None) -> Any:
+            chunk_shape: tuple[int, int, int] | None = None, dask: str | None = None,
+            storage_options: dict[str, Any] | None = None, staging: str | os.PathLike | None = None) -> Any:
     """Convert image/mask pairs (2D files, arrays or medical volumes) into a store.
 
     Parameters
@@ -251,6 +253,23 @@ def convert(src: str | os.PathLike | None = None, dst: str | os.PathLike | None 
         images, nearest for masks (scipy.ndimage).  Both layouts.
     chunk_shape : (CX, CY, CZ), optional
         Chunk of a ``layout="volumes"`` store in voxels (default 32 x 32 x 32).
+    dask : str, optional
+        Write the chunks on a Dask cluster, one task each (:mod:`streamseg.store.dask_run`):
+        ``"tcp://HOST:PORT"`` (a running scheduler; ``dst`` must be a path every worker sees)
+        or ``"local:N"`` (N processes here; call under ``if __name__ == "__main__":``).  Same
+        store as a serial run; ``resume`` works after the client dies; not with ``workers``
+        or ``layout="volumes"``.
+    storage_options : dict, optional
+        With a URL ``dst`` (``s3://bucket/data.zarr``; also ``gs://``, ``az://``, ``file://``
+        through fsspec; zarr only): options of the fsspec file system, e.g.
+        ``{"endpoint_url": "http://localhost:9000"}``; credentials otherwise come from the
+        environment (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, ``~/.aws``).  The store is
+        converted into a local staging folder, then every file is uploaded, ``manifest.json``
+        last; ``resume`` uploads only what is missing (see :mod:`streamseg.store.remote_upload`).
+    staging : path, optional
+        With a URL ``dst``: the folder the store is staged in before the upload (default
+        ``<system temp>/streamseg-staging``); it needs the store's size of free disk, and the
+        staged store is removed once uploaded.
 
     Returns
     -------
@@ -267,11 +286,17 @@ def convert(src: str | os.PathLike | None = None, dst: str | os.PathLike | None 
         mismatches, non-integer float masks, truncated or unreadable files (named), empty
         series folders, several series in one folder, lonely images or masks.
     """
+    if storage_options is not None or staging is not None or (isinstance(dst, str) and "://" in dst):
+        from .remote_upload import convert_to_url  # object storage: stage here, then upload
+
+        return convert_to_url(convert, {k: v for k, v in locals().items() if k != "convert_to_url"})
     given = {"layout": layout, "axis": axis, "context": context, "skip_empty": skip_empty,
              "keep_empty": keep_empty, "remap_labels": remap_labels, "seed": seed, "mask_dtype": mask_dtype,
              "spacing": spacing, "chunk_shape": chunk_shape}
     if dst is None:
         raise OptionError("convert needs a destination. Received: dst=None")
+    if dask is not None:
+        check_dask_options(dask, workers=workers, layout=layout)
     if (images is None) != (masks is None):
         raise OptionError("Pass both images= and masks= arrays, or a source folder. "
                           f"Received: images={truncate(images)}, masks={truncate(masks)}")
@@ -311,24 +336,26 @@ def convert(src: str | os.PathLike | None = None, dst: str | os.PathLike | None 
     return _convert_source(source, dst, protect + _source_paths(source), format=format, size=size,
                            channels=channels, image_dtype=image_dtype, chunk_samples=chunk_samples,
                            compressor=compressor, workers=workers, overwrite=overwrite, resume=resume,
-                           progress=progress)
+                           progress=progress, dask=dask)
 
 
 def convert_source(source: FolderSource | ArraySource | SynthSource, dst: str | os.PathLike, *,
                    format: str = "zarr", size: tuple[int, int] | None = None, channels: int | None = None,
                    image_dtype: str | None = None, chunk_samples: int | None = None,
                    compressor: str = "lz4", workers: int = 1, overwrite: bool = False,
-                   resume: bool = False, progress: Any = "auto") -> Store:
+                   resume: bool = False, progress: Any = "auto", dask: str | None = None) -> Store:
     """Convert any source object (see :mod:`streamseg.io.sources`) into a store; see :func:`convert`.
 
     The destination is locked for the whole conversion (a second writer is refused, naming
     the PID of the first), ``overwrite`` never deletes the source or anything that is not a
     streamseg store, and the store is marked complete only after every chunk was checked on
-    disk against its checksum.
+    disk against its checksum.  ``dask`` as in :func:`convert`.
     """
+    if dask is not None:
+        check_dask_options(dask, workers=workers, layout=None)
     return _convert_source(source, dst, _source_paths(source), format=format, size=size, channels=channels,
                            image_dtype=image_dtype, chunk_samples=chunk_samples, compressor=compressor,
-                           workers=workers, overwrite=overwrite, resume=resume, progress=progress)
+                           workers=workers, overwrite=overwrite, resume=resume, progress=progress, dask=dask)
 
 
 def _source_paths(source: Any) -> list[str]:
@@ -365,7 +392,7 @@ def _destination_error(dst: Path, exc: OSError) -> DestinationError | None:
 def _convert_source(source: Any, dst: str | os.PathLike, protect: Sequence[str], *, format: str,
                     size: tuple[int, int] | None, channels: int | None, image_dtype: str | None,
                     chunk_samples: int | None, compressor: str, workers: int, overwrite: bool,
-                    resume: bool, progress: Any) -> Store:
+                    resume: bool, progress: Any, dask: str | None = None) -> Store:
     size = _validate(format, compressor, size, channels, image_dtype, chunk_samples, workers)
     mask_dtype = str(getattr(source, "mask_dtype", "uint8"))
     options = {"size": size, "channels": channels, "image_dtype": image_dtype, "mask_dtype": mask_dtype}
@@ -378,7 +405,7 @@ def _convert_source(source: Any, dst: str | os.PathLike, protect: Sequence[str],
     cs = chunk_samples or default_chunk_samples((h, w, c), probe_image.dtype.itemsize)
     mask_bytes = np.dtype(mask_dtype).itemsize
     case_bytes = largest_case_bytes(source)  # a volume source holds one whole case per process
-    _check_memory(h * w * (c * probe_image.dtype.itemsize + mask_bytes), min(cs, count), workers,
+    _check_memory(h * w * (c * probe_image.dtype.itemsize + mask_bytes), min(cs, count), memory_workers(dask, workers),
                   f"One chunk of {min(cs, count)} {h}x{w}x{c} {probe_image.dtype} sample(s)"
                   + (f" and a case of {case_bytes / 2**20:.0f} MiB" if case_bytes else ""), case_bytes)
     names_crc = 0
@@ -393,9 +420,9 @@ def _convert_source(source: Any, dst: str | os.PathLike, protect: Sequence[str],
     }
     dst_path = Path(dst)
     try:
-        with DestinationLock(dst_path):
+        with DestinationLock(dst_path), dask_runner(dask) as runner:  # connected before anything is written
             return _write_store(source, dst_path, plan, options, protect, overwrite, resume, progress,
-                                workers)
+                                workers, runner)
     except StreamsegError:
         raise
     except OSError as exc:
@@ -406,8 +433,9 @@ def _convert_source(source: Any, dst: str | os.PathLike, protect: Sequence[str],
 
 
 def _write_store(source: Any, dst_path: Path, plan: dict[str, Any], options: dict[str, Any],
-                 protect: Sequence[str], overwrite: bool, resume: bool, progress: Any, workers: int) -> Store:
-    """Everything that touches the destination; the caller holds its lock."""
+                 protect: Sequence[str], overwrite: bool, resume: bool, progress: Any, workers: int,
+                 runner: DaskRunner | None = None) -> Store:
+    """Everything that touches the destination; the caller holds its lock (and ``runner``'s cluster)."""
     count, cs = plan["count"], plan["chunk_samples"]
     done = prepare_destination(dst_path, plan, overwrite=overwrite, resume=resume, protect=protect)
     todo = [k for k in range(plan["num_chunks"]) if k not in done]
@@ -417,8 +445,15 @@ def _write_store(source: Any, dst_path: Path, plan: dict[str, Any], options: dic
     from numcodecs import blosc
 
     blosc_threads, blosc.use_threads = blosc.use_threads, False  # one core per worker, for all
+
+    def on_record(rec: dict[str, Any]) -> None:
+        append_progress(dst_path, rec)
+        bar.update(rec["n"])
+
     try:
-        if workers == 1 or len(todo) <= 1:
+        if runner is not None:
+            runner.run(task, todo, on_record)
+        elif workers == 1 or len(todo) <= 1:
             for k in todo:
                 record = task(k)
                 append_progress(dst_path, record)

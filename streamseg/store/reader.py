@@ -171,6 +171,13 @@ class Store:
         other.verify_reads = bool(enabled)
         return other
 
+    def keep_decoded_chunks(self, chunks: int) -> None:
+        """Keep up to ``chunks`` decoded chunks per array and thread for reads (zarr backend;
+        elsewhere nothing to do): batches reading the same chunks decode them once."""
+        if self.backend == "zarr" and self.path is not None:
+            for name in ARRAY_NAMES:
+                self.chunk_reader(name).cache_chunks = max(0, int(chunks))
+
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict[str, Any]:
         if self.path is not None:
@@ -450,13 +457,18 @@ def _open_manifest(path: Path) -> dict[str, Any]:
     return meta
 
 
-def open_store(path: str | os.PathLike, *, verify_reads: bool = True) -> Store:
+def open_store(path: str | os.PathLike, *, verify_reads: bool = True,
+               storage_options: dict[str, Any] | None = None, cache_dir: str | os.PathLike | None = None,
+               cache_bytes: int | None = None) -> Store:
     """Open a finished store for reading.
 
     Parameters
     ----------
     path : str or os.PathLike
-        Directory written by ``streamseg convert`` / :func:`streamseg.convert`.
+        Directory written by ``streamseg convert`` / :func:`streamseg.convert`, or the URL of a
+        zarr store in object storage (``s3://bucket/data.zarr``; ``gs://``, ``az://``,
+        ``file://`` go through fsspec too), opened as a
+        :class:`~streamseg.store.remote.RemoteStore`.
     verify_reads : bool
         Check what reads return against the checksums recorded at conversion (default): each
         zarr chunk file and each memmap sample the first time this process reads it, and again
@@ -466,6 +478,19 @@ def open_store(path: str | os.PathLike, *, verify_reads: bool = True) -> Store:
         crc32s, each chunk once per process; zarr arrays rewritten with codecs streamseg does
         not write are read through zarr, unchecked.  False reads without checking;
         ``streamseg verify`` checks everything.
+    storage_options : dict, optional
+        URL only: options of the fsspec file system (S3: ``endpoint_url``, ``anon``,
+        ``config_kwargs``, ...).  Credentials otherwise come from the environment or config
+        files (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, ``~/.aws``;
+        ``AWS_ENDPOINT_URL`` for an S3-compatible server); no value that may be a secret is
+        ever shown in a message or repr.
+    cache_dir : path, optional
+        URL only: folder of the local read-through chunk cache, shared safely by processes (a
+        dataset's workers, several runs), so a second epoch reads from local disk.  Default:
+        a private temporary folder, removed with the store.
+    cache_bytes : int, optional
+        URL only: bound of the cached chunk files (default 10 GiB in ``cache_dir``, 256 MiB in
+        the private folder); least recently used chunks are evicted beyond it.
 
     Returns
     -------
@@ -480,7 +505,20 @@ def open_store(path: str | os.PathLike, *, verify_reads: bool = True) -> Store:
     CorruptStoreError
         A metadata file (``zarr.json``, ``sources.txt``, a ``.npy`` header, ...) is missing or
         differs from what the manifest records; the message names it.
+    RemoteStoreError
+        URL only: the storage cannot be reached, refuses access, or a transfer failed.
+    OptionError
+        URL only: a memmap store (which needs a local file: convert with ``--format zarr``),
+        or storage options the file system rejects; for a local path, any URL-only option.
     """
+    if isinstance(path, str) and "://" in path:
+        from .remote import open_remote_store
+
+        return open_remote_store(path, storage_options=storage_options, cache_dir=cache_dir,
+                                 cache_bytes=cache_bytes, verify_reads=verify_reads)
+    if storage_options is not None or cache_dir is not None or cache_bytes is not None:
+        raise OptionError("storage_options, cache_dir and cache_bytes apply to a store URL (s3://...). "
+                          f"Received: {truncate(str(path))}")
     if load_manifest(Path(path)).get("layout") == "volumes":
         from .volume_reader import VolumeStore
 
