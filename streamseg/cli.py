@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-read every chunk and check its checksum")
     p.add_argument("store")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--storage-option", action="append", default=None, metavar="KEY=VALUE",
+                   help="for a store URL (s3://...; downloaded into a temporary folder to check): fsspec file "
+                   "system option, repeatable")
 
     p = sub.add_parser("demo", help="synthesise, convert, train a small U-Net, save a preview")
     p.add_argument("--out", default="streamseg-demo", help="working folder (default ./streamseg-demo)")
@@ -260,7 +263,15 @@ def _cmd_info(args: argparse.Namespace) -> None:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .store.inspect import describe_problem, verify_store
 
-    damaged = verify_store(args.store, progress=False if args.quiet else "auto")
+    from .store.remote_fs import is_url, parse_storage_options
+
+    if is_url(args.store) or args.storage_option:
+        from .store.remote_upload import verify_remote_store
+
+        damaged = verify_remote_store(args.store, parse_storage_options(args.storage_option),
+                                      progress=False if args.quiet else "auto")
+    else:
+        damaged = verify_store(args.store, progress=False if args.quiet else "auto")
     if not damaged:
         print(f"{args.store}: all files and chunks intact")
         return 0

@@ -198,3 +198,49 @@ def test_epoch_finished_defers_to_a_waiting_fetch_instead_of_blocking():
     finally:
         producer.gate.set()
         feeder.close()
+
+
+# ------------------------------------------------------------- window affinity, decoded-chunk cache
+def test_pick_worker_keeps_a_group_on_one_worker_until_it_is_behind():
+    from streamseg.parallel.workers import pick_worker
+
+    outstanding, groups = [0, 0], {}
+    assert pick_worker(outstanding, groups, None) == 0
+    w = pick_worker(outstanding, groups, "g1")
+    outstanding[w] += 1
+    assert pick_worker(outstanding, groups, "g1") == w  # one task waiting: still its worker
+    outstanding[w] += 1
+    other = pick_worker(outstanding, groups, "g1")  # two waiting: behind, the idle one takes over
+    assert other != w and groups["g1"] == other
+    for g in range(20):
+        pick_worker(outstanding, groups, g)
+    assert len(groups) <= 8 and "g1" not in groups  # bounded memory of groups, oldest dropped
+
+
+def test_decoded_chunk_cache_decodes_once_and_sees_rewritten_files(arrays_store, backend, monkeypatch):
+    import os
+
+    store, images, _ = arrays_store
+    if backend != "zarr":
+        pytest.skip("decoded chunks are cached for zarr stores")
+    store.keep_decoded_chunks(2)
+    reader = store.chunk_reader("images")
+    calls = []
+    real = reader._decode_into
+    monkeypatch.setattr(reader, "_decode_into", lambda raw, k, out: calls.append(k) or real(raw, k, out))
+    first, _ = store.read([0, 1, 2])
+    again, _ = store.read([3, 1])
+    np.testing.assert_array_equal(first, images[:3])
+    np.testing.assert_array_equal(again, images[[3, 1]])
+    assert calls == [0]  # chunk 0 (samples 0-3) decoded once for both reads
+    store.read([4, 8])
+    store.read([12])
+    assert len(reader._scratch.cache) == 2  # bounded: least recently used chunks evicted
+    # a rewritten chunk file (new identity) is decoded again, never served stale
+    path = reader.chunk_path(3)
+    raw = path.read_bytes()
+    os.replace(path, path.with_name("moved"))
+    path.write_bytes(raw)
+    calls.clear()
+    np.testing.assert_array_equal(store.read([12])[0], images[[12]])
+    assert calls == [3]

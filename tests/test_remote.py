@@ -323,7 +323,7 @@ def test_overwrite_replaces_a_remote_store(s3, pair, tmp_path):
     assert "images/c/9/0/0/0" not in RemoteLocation(url, s3.options()).sizes()  # old chunks deleted
 
 
-def test_corrupt_remote_chunk_is_reported_against_the_url(s3, pair, tmp_path):
+def test_corrupt_remote_chunk_is_reported_against_the_url(s3, pair, tmp_path, capsys):
     url = _copy(s3, pair, "bad.zarr")
     loc = RemoteLocation(url, s3.options())
     raw = bytearray(loc.fs.cat_file(loc.path("images/c/2/0/0/0")))
@@ -337,3 +337,10 @@ def test_corrupt_remote_chunk_is_reported_against_the_url(s3, pair, tmp_path):
     loc.remove(["masks/c/4/0/0/0"])
     with pytest.raises(CorruptChunkError, match="is missing"):
         store.read([17])
+    rc, out, _ = _run_cli(["verify", url, "--quiet", "--storage-option", f"endpoint_url={s3.endpoint}"], capsys)
+    assert rc == 1
+    assert "images chunk 2 (samples 8-11" in out and "masks chunk 4 (samples 16-19" in out and "missing" in out
+    assert out.count("\n") == 2 and str(store.path) not in out
+    rc, out, _ = _run_cli(["verify", pair["url"], "--quiet", "--storage-option", f"endpoint_url={s3.endpoint}"],
+                          capsys)
+    assert rc == 0 and "all files and chunks intact" in out

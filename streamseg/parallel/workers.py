@@ -66,7 +66,7 @@ def _apply_priority(priority: str) -> None:
         print(f"streamseg worker {os.getpid()}: could not set worker_priority={priority!r} "
               f"({type(exc).__name__}: {exc}); running at normal priority", file=sys.stderr)
 
-__all__ = ["Fields", "ProcessBackend", "ThreadBackend", "layout_slots"]
+__all__ = ["Fields", "ProcessBackend", "ThreadBackend", "layout_slots", "pick_worker"]
 
 _GRACE = 1.0  # seconds close() gives busy workers before terminating them
 Fields = dict  # name -> (shape, dtype, byte offset inside a slot)
@@ -209,6 +209,24 @@ def _describe_exit(code: int | None) -> str:
     return f"killed by {sig}{hint}"
 
 
+def pick_worker(outstanding: list[int], groups: dict[Any, int], group: Any, behind: int = 2) -> int:
+    """The worker for a task of ``group``: the group's worker unless it has ``behind`` tasks
+    waiting, else (and for ``group`` None) the least loaded one, which then keeps the group.
+
+    ``outstanding``: tasks sent to each worker and not reported; ``groups``: recent group ->
+    worker, updated here (at most four groups per worker are remembered, oldest dropped first).
+    """
+    least = min(range(len(outstanding)), key=outstanding.__getitem__)
+    if group is None:
+        return least
+    worker = groups.get(group)
+    if worker is None or outstanding[worker] >= behind:
+        worker = groups[group] = least
+        while len(groups) > 4 * len(outstanding):
+            groups.pop(next(iter(groups)))
+    return worker
+
+
 class ProcessBackend:
     """Persistent worker processes writing into shared memory, one segment per slot (so an
     array lent from a slot keeps only that slot's segment mapped)."""
@@ -278,19 +296,8 @@ class ProcessBackend:
         self.outstanding[worker] += 1
         self.tasks[worker].put((ticket, slot, payload))
 
-    _BEHIND = 2  # a group's worker with this many tasks waiting is behind: use another one
-
     def _pick(self, group: Any) -> int:
-        least = min(range(len(self.outstanding)), key=self.outstanding.__getitem__)
-        if group is None:
-            return least
-        worker = self._groups.get(group)
-        if worker is None or self.outstanding[worker] >= self._BEHIND:
-            worker = least
-            self._groups[group] = worker
-            while len(self._groups) > 4 * len(self.outstanding):
-                self._groups.pop(next(iter(self._groups)))  # oldest group first
-        return worker
+        return pick_worker(self.outstanding, self._groups, group)
 
     def collect(self, timeout: float, want: int | None) -> tuple[list, tuple | None]:
         """Wait up to ``timeout``; return ([(worker, message)], (dead worker, text) or None)."""

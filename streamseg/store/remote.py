@@ -36,7 +36,7 @@ from .reader import Store
 from .remote_cache import MirrorCache, mirror_name
 from .remote_fs import RemoteLocation, RemoteStoreError, is_url, redact_options
 
-__all__ = ["RemoteStore", "RemoteStoreError", "open_remote_store", "is_url", "UPLOAD_MARK",
+__all__ = ["RemoteStore", "RemoteArray", "RemoteStoreError", "open_remote_store", "is_url", "chunk_rel", "UPLOAD_MARK",
            "DEFAULT_CACHE_BYTES", "PRIVATE_CACHE_BYTES"]
 
 #: Bound of the chunk cache in a ``cache_dir`` given without ``cache_bytes``.
@@ -61,7 +61,8 @@ class _PrivateDir:
         weakref.finalize(self, _remove_owned, str(self.path), os.getpid())
 
 
-def _chunk_rel(name: str, k: int) -> str:
+def chunk_rel(name: str, k: int) -> str:
+    """Path of chunk ``k`` of array ``name`` inside a store (``images/c/3/0/0/0``)."""
     return zarr_chunk_path(Path(""), name, k).as_posix()
 
 
@@ -212,7 +213,7 @@ class RemoteStore(Store):
     def ensure_chunks(self, chunks: list[int], names: tuple[str, ...] = ARRAY_NAMES) -> int:
         """Fetch the chunk files of ``chunks`` (both arrays) the mirror lacks, concurrently; the
         number fetched."""
-        rels = [_chunk_rel(n, int(k)) for k in chunks for n in names]
+        rels = [chunk_rel(n, int(k)) for k in chunks for n in names]
         missing = self.cache.missing(rels)
         if not missing:
             return 0
@@ -237,7 +238,7 @@ class RemoteStore(Store):
         try:
             return read()
         except CorruptChunkError:  # evicted by another process meanwhile, or a damaged cached copy
-            self.cache.drop([_chunk_rel(n, int(k)) for k in chunks for n in names])
+            self.cache.drop([chunk_rel(n, int(k)) for k in chunks for n in names])
             self.ensure_chunks(chunks, names)
             try:
                 return read()

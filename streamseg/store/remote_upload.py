@@ -1,4 +1,4 @@
-"""Stores in object storage, writing: :func:`convert` with a URL destination, and ``info``.
+"""Stores in object storage: :func:`convert` with a URL destination; ``info`` and ``verify``.
 
 A conversion to ``s3://bucket/data.zarr`` converts into a local staging store first (it needs
 the store's size of local disk), then uploads every file concurrently, ``manifest.json`` last:
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -27,7 +26,8 @@ from .lock import LOCK_NAME
 from .remote import UPLOAD_MARK, RemoteStore, open_remote_store
 from .remote_fs import RemoteLocation, RemoteStoreError, is_url, redact_options
 
-__all__ = ["convert_to_url", "upload_files", "upload_store", "remote_store_info", "default_staging"]
+__all__ = ["convert_to_url", "upload_files", "upload_store", "remote_store_info", "verify_remote_store",
+           "default_staging"]
 
 _BATCH = 64  # files per round of concurrent uploads (progress is reported between rounds)
 _NOT_UPLOADED = {MANIFEST_NAME, LOCK_NAME, UPLOAD_MARK}
@@ -177,3 +177,30 @@ def remote_store_info(url: str, storage_options: dict[str, Any] | None = None) -
     info["warnings"] = [str(w).replace(str(store.path), store.url) for w in info.get("warnings", [])]
     return info
 
+
+
+def verify_remote_store(url: str, storage_options: dict[str, Any] | None = None, *,
+                        progress: Any = "auto") -> list[dict[str, Any]]:
+    """:func:`~streamseg.store.inspect.verify_store` of the store at ``url``: every chunk file is
+    downloaded into a private temporary mirror (it needs the store's size of local disk), then
+    checked; a chunk missing from object storage is reported like one missing on disk."""
+    from .inspect import verify_store
+    from .remote import chunk_rel
+
+    store = open_remote_store(url, storage_options=storage_options, cache_bytes=2**62)
+    rels = [chunk_rel(n, k) for k in range(store.num_chunks) for n in ("images", "masks")]
+    bar = Progress(len(rels), f"download {store._loc.name}", mode=progress, unit="files")
+    try:
+        for a in range(0, len(rels), 4 * _BATCH):
+            got = store._loc.cat_many(rels[a : a + 4 * _BATCH])
+            for rel, data in got.items():
+                if not isinstance(data, (bytes, FileNotFoundError)):
+                    raise store._loc.error(data, "read")
+            store.cache.put({rel: data for rel, data in got.items() if isinstance(data, bytes)})
+            bar.update(len(got))
+    finally:
+        bar.close()
+    found = verify_store(store.path, progress=progress)
+    for entry in found:
+        entry["problem"] = str(entry["problem"]).replace(str(store.path), store.url)
+    return found
