@@ -142,6 +142,9 @@ def test_second_pass_reads_from_the_cache_with_the_server_gone(pair, tmp_path):
         for a, b in zip(first, second):
             np.testing.assert_array_equal(a[::-1], b)
         assert store.names == pair["local"].names
+        ds = SegmentationDataset(store, 8, shuffle=False, workers=2, use_multiprocessing=True)
+        got = _epoch(ds)  # worker processes too read every chunk from the cache
+        np.testing.assert_array_equal(np.concatenate([y for _, y in got]), first[1])
         store.cache.drop(["images/c/3/0/0/0"])
         with pytest.raises(RemoteStoreError) as err:  # a chunk not cached needs the server: one line
             store.read([12])
@@ -161,6 +164,20 @@ def test_cache_stays_under_its_bound(s3, pair, tmp_path):
     assert 0 < store.cache.chunk_bytes()
     with pytest.raises(OptionError, match="cache_bytes"):
         _open(s3, pair, cache_bytes=0)
+
+
+@pytest.mark.slow
+def test_worker_processes_share_a_small_cache(s3, pair, tmp_path):
+    chunk = max(os.path.getsize(p) for p in Path(pair["local"].path, "images", "c").rglob("0"))
+    bound = 10 * chunk
+    store = _open(s3, pair, cache_dir=tmp_path / "cache", cache_bytes=bound)
+    for _ in range(2):
+        got = _epoch(SegmentationDataset(store, 8, shuffle=False, workers=2, use_multiprocessing=True))
+        want = _epoch(SegmentationDataset(pair["local"], 8, shuffle=False))
+        for (gx, gy), (wx, wy) in zip(got, want):
+            np.testing.assert_array_equal(gx, wx)
+            np.testing.assert_array_equal(gy, wy)
+        assert 0 < store.cache.chunk_bytes() <= bound
 
 
 def test_chunk_evicted_between_fetch_and_read_is_fetched_again(s3, pair, tmp_path, monkeypatch):
@@ -210,6 +227,10 @@ def test_missing_store_and_existing_destination(s3, pair):
         open_store(f"s3://{s3.bucket()}/nothing.zarr", storage_options=s3.options())
     with pytest.raises(StoreExistsError, match="--overwrite"):
         convert(pair["src"], pair["url"], storage_options=s3.options(), progress=False)
+    url = f"s3://{s3.bucket()}/typo.zarr"
+    with pytest.raises(StreamsegError):  # a source that is not there: nothing is left at the URL
+        convert(pair["root"] / "no-such-folder", url, storage_options=s3.options(), progress=False)
+    assert RemoteLocation(url, s3.options()).sizes() == {}
 
 
 def test_redaction_in_repr_messages_and_options(s3, pair, tmp_path):

@@ -303,9 +303,11 @@ class Augment:
         return p
 
     def _sample_geometric(self, p: dict[str, Any], u: list[float], seed: int, h: int, w: int) -> None:
-        centre = np.array([(w - 1) / 2.0, (h - 1) / 2.0])
-        lin = np.eye(2)              # linear part, in coordinates centred on the pixel grid
-        src_centre = centre          # input point that lands on the output centre
+        # 2x2 linear parts as (a, b, c, d) = [[a, b], [c, d]] in plain floats: NumPy's small
+        # matrices cost ~0.04 ms per sample here, a tenth of the whole augmentation
+        cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+        lin = (1.0, 0.0, 0.0, 1.0)   # linear part, in coordinates centred on the pixel grid
+        sx_, sy_ = cx, cy            # input point that lands on the output centre
         if self.crop is not None and self.crop != (1.0, 1.0):
             area = self.crop[0] + (self.crop[1] - self.crop[0]) * u[11]
             lo, hi = math.log(max(_CROP_RATIO[0], area)), math.log(min(_CROP_RATIO[1], 1.0 / area))
@@ -313,35 +315,37 @@ class Augment:
             cw, ch = min(w, w * math.sqrt(area * ratio)), min(h, h * math.sqrt(area / ratio))
             x0, y0 = (w - cw) * u[13], (h - ch) * u[14]
             p["crop"] = (x0, y0, cw, ch)
-            lin = np.diag([w / cw, h / ch])
-            src_centre = np.array([x0 + cw / 2.0 - 0.5, y0 + ch / 2.0 - 0.5])
+            lin = (w / cw, 0.0, 0.0, h / ch)
+            sx_, sy_ = x0 + cw / 2.0 - 0.5, y0 + ch / 2.0 - 0.5
         p["hflip"], p["vflip"] = u[0] < self.hflip, u[1] < self.vflip
-        lin = np.diag([-1.0 if p["hflip"] else 1.0, -1.0 if p["vflip"] else 1.0]) @ lin
+        lin = _mul((-1.0 if p["hflip"] else 1.0, 0.0, 0.0, -1.0 if p["vflip"] else 1.0), lin)
         if u[2] < self.rot90:
             k = 2 if h != w else 1 + min(int(u[3] * 3), 2)
             p["rot90"] = k
-            lin = np.linalg.matrix_power(np.array([[0.0, 1.0], [-1.0, 0.0]]), k) @ lin
+            lin = _mul(((0.0, 1.0, -1.0, 0.0), (-1.0, 0.0, 0.0, -1.0), (0.0, -1.0, 1.0, 0.0))[k - 1], lin)
         if self.shear:
             sx, sy = ((2 * u[i] - 1) * self.shear for i in (8, 9))
             p["shear"] = (sx, sy)
             tx, ty = math.tan(math.radians(sx)), math.tan(math.radians(sy))
-            lin = np.array([[1.0, tx], [0.0, 1.0]]) @ np.array([[1.0, 0.0], [ty, 1.0]]) @ lin
+            lin = _mul(_mul((1.0, tx, 0.0, 1.0), (1.0, 0.0, ty, 1.0)), lin)
         if self.scale != (1.0, 1.0):
-            p["zoom"] = self.scale[0] + (self.scale[1] - self.scale[0]) * u[5]
-            lin = p["zoom"] * lin
+            p["zoom"] = z = self.scale[0] + (self.scale[1] - self.scale[0]) * u[5]
+            lin = (z * lin[0], z * lin[1], z * lin[2], z * lin[3])
         if self.rotate:
             p["angle"] = angle = (2 * u[4] - 1) * self.rotate
             c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
-            lin = np.array([[c, s], [-s, c]]) @ lin   # counter-clockwise on screen
-        shift = np.zeros(2)
+            lin = _mul((c, s, -s, c), lin)   # counter-clockwise on screen
+        dx = dy = 0.0
         if self.translate:
-            shift = np.array([(2 * u[6] - 1) * self.translate * w, (2 * u[7] - 1) * self.translate * h])
-            p["translate"] = (float(shift[0]), float(shift[1]))
+            dx, dy = (2 * u[6] - 1) * self.translate * w, (2 * u[7] - 1) * self.translate * h
+            p["translate"] = (dx, dy)
         if u[10] < self.elastic:
             p["elastic"] = (seed, self.elastic_alpha, self.elastic_sigma)
-        matrix = np.hstack([lin, (centre + shift - lin @ src_centre)[:, None]])
-        if not np.array_equal(matrix, np.eye(2, 3)):
-            p["matrix"] = matrix
+        a, b, c, d = lin
+        row0 = (a, b, cx + dx - (a * sx_ + b * sy_))
+        row1 = (c, d, cy + dy - (c * sx_ + d * sy_))
+        if row0 != (1.0, 0.0, 0.0) or row1 != (0.0, 1.0, 0.0):
+            p["matrix"] = np.array([row0, row1])
 
     # ------------------------------------------------------------------- apply
     def apply(self, image: np.ndarray, mask: np.ndarray, params: dict[str, Any], *,
@@ -440,6 +444,13 @@ class Augment:
         if integer:
             np.clip(img, 0.0, vr, out=img)
         return img
+
+
+def _mul(m: tuple[float, float, float, float], n: tuple[float, float, float, float]
+         ) -> tuple[float, float, float, float]:
+    """The 2x2 product ``m @ n`` of ``(a, b, c, d)`` row-major tuples."""
+    return (m[0] * n[0] + m[1] * n[2], m[0] * n[1] + m[1] * n[3],
+            m[2] * n[0] + m[3] * n[2], m[2] * n[1] + m[3] * n[3])
 
 
 def _elastic_field(h: int, w: int, seed: int, alpha: float, sigma: float) -> tuple[np.ndarray, np.ndarray]:

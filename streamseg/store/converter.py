@@ -286,10 +286,12 @@ def convert(src: str | os.PathLike | None = None, dst: str | os.PathLike | None 
         mismatches, non-integer float masks, truncated or unreadable files (named), empty
         series folders, several series in one folder, lonely images or masks.
     """
-    if storage_options is not None or staging is not None or (isinstance(dst, str) and "://" in dst):
+    from .remote_fs import is_url
+
+    if storage_options is not None or staging is not None or is_url(dst):
         from .remote_upload import convert_to_url  # object storage: stage here, then upload
 
-        return convert_to_url(convert, {k: v for k, v in locals().items() if k != "convert_to_url"})
+        return convert_to_url(convert, {k: v for k, v in locals().items() if k not in ("convert_to_url", "is_url")})
     given = {"layout": layout, "axis": axis, "context": context, "skip_empty": skip_empty,
              "keep_empty": keep_empty, "remap_labels": remap_labels, "seed": seed, "mask_dtype": mask_dtype,
              "spacing": spacing, "chunk_shape": chunk_shape}

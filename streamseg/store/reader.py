@@ -511,7 +511,9 @@ def open_store(path: str | os.PathLike, *, verify_reads: bool = True,
         URL only: a memmap store (which needs a local file: convert with ``--format zarr``),
         or storage options the file system rejects; for a local path, any URL-only option.
     """
-    if isinstance(path, str) and "://" in path:
+    from .remote_fs import is_url
+
+    if is_url(path):
         from .remote import open_remote_store
 
         return open_remote_store(path, storage_options=storage_options, cache_dir=cache_dir,

@@ -10,7 +10,9 @@ epoch reads from local disk while the mirror holds the chunks (``cache_bytes``).
 
 A ``RemoteStore`` pickles as its URL, storage options, mirror and bound: a worker process
 reuses the mirror without a request when its manifest is the one the parent opened, and
-makes its own file system either way (see :mod:`streamseg.store.remote_fs`).
+makes its own file system either way (see :mod:`streamseg.store.remote_fs`).  The pickle
+carries the storage options as given (the workers need them), so credentials are better
+left to the environment; its repr and every message show them redacted.
 
 Writing a remote store is :func:`streamseg.convert` with a URL destination
 (:mod:`streamseg.store.remote_upload`).

@@ -7,7 +7,7 @@ local store (:class:`~streamseg.store.reader.Store`), checksums included.
 
 Several processes may share one mirror (the workers of a dataset, several runs): files are
 written to a temporary name and renamed into place, and the chunk files are bounded by
-``bound`` bytes.  Every addition happens under an exclusive ``flock`` on ``<mirror>.lock``;
+``bound`` bytes.  Every addition happens under an exclusive lock of ``<mirror>.lock``;
 when the bytes recorded in ``_cache_bytes`` would exceed the bound, the least recently used
 chunk files (by access time, which a read that finds a chunk in the cache refreshes) are
 deleted until the rest fill at most 80% of it.  The chunks of the batch being read are
@@ -65,25 +65,35 @@ class MirrorCache:
     def __init__(self, root: Path, bound: int) -> None:
         self.root = Path(root)
         self.bound = int(bound)
+        self._thread_locks: dict[int, threading.Lock] = {}  # per process: a fork copies a held one
 
     def __repr__(self) -> str:
         return f"MirrorCache({str(self.root)!r}, bound={self.bound})"
 
+    def __getstate__(self) -> dict[str, object]:
+        return {"root": str(self.root), "bound": self.bound}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__init__(Path(str(state["root"])), int(state["bound"]))  # type: ignore[misc, call-overload]
+
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Exclusive across processes and threads (``flock`` of a file opened per call)."""
-        self.root.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root.parent / f"{self.root.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
+        """Exclusive across threads (a lock of this process) and processes (a POSIX record lock on
+        ``<mirror>.lock``, which a forked child does not inherit, unlike ``flock``)."""
+        guard = self._thread_locks.setdefault(os.getpid(), threading.Lock())
+        with guard:
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root.parent / f"{self.root.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                import fcntl
+                try:
+                    import fcntl
 
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except ImportError:  # pragma: no cover - no flock (Windows): one process per cache
-                pass
-            yield
-        finally:
-            os.close(fd)  # releases the lock
+                    fcntl.lockf(fd, fcntl.LOCK_EX)
+                except ImportError:  # pragma: no cover - no POSIX locks (Windows): threads only
+                    pass
+                yield
+            finally:
+                os.close(fd)  # releases the record lock
 
     # ------------------------------------------------------------------ metadata
     def manifest_digest(self) -> str | None:
@@ -133,9 +143,12 @@ class MirrorCache:
         if not blobs:
             return
         with self.lock():
+            added = 0
             for rel, data in blobs.items():
-                _atomic_write(self.root / rel, data)
-            total = self._ledger() + sum(len(d) for d in blobs.values())
+                if not os.path.exists(self.root / rel):  # else fetched meanwhile by another reader
+                    _atomic_write(self.root / rel, data)
+                    added += len(data)
+            total = self._ledger() + added
             if total > self.bound:
                 total = self._evict(set(keep) | set(blobs))
             _atomic_write(self.root / LEDGER_NAME, str(total).encode())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -134,24 +135,34 @@ def convert_to_url(convert: Callable[..., Any], params: dict[str, Any]) -> Remot
     if marked and not complete and not (overwrite or resume):
         raise StoreExistsError(f"{loc.display} holds an interrupted upload; pass --resume to finish it or "
                                "--overwrite to start again.")
-    key = hashlib.sha256(f"{loc.url}\n{(options or {}).get('endpoint_url', '')}".encode()).hexdigest()[:12]
+    endpoint = (options or {}).get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL", "")
+    key = hashlib.sha256(f"{loc.url}\n{endpoint}".encode()).hexdigest()[:12]
     parent = Path(staging) if staging is not None else default_staging()
-    local = parent / f"{loc.name}-{key}"
+    local = parent / key / loc.name
     if overwrite and sizes:
         _clear_remote(loc, sizes)
         sizes = {}
+    fresh = not sizes  # nothing there before: a failed conversion leaves nothing either
     if not marked or overwrite:
         _mark(loc, 0)  # before converting: a bucket that is missing or read-only fails now
     if not (resume and (local / MANIFEST_NAME).exists()):  # else: staged already, the upload was cut short
         again = resume and (local / PLAN_NAME).exists()
         try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OptionError(f"The staging folder {parent} cannot be created ({exc.strerror or exc}); pass "
-                              f"--staging DIR on a disk with room for the store. Received: {parent}") from None
-        convert(**params, dst=local, resume=again, overwrite=not again)
+            try:
+                local.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OptionError(f"The staging folder {parent} cannot be created ({exc.strerror or exc}); pass "
+                                  f"--staging DIR on a disk with room for the store. Received: {parent}") from None
+            convert(**params, dst=local, resume=again, overwrite=not again)
+        except BaseException:
+            if fresh:
+                try:
+                    loc.remove([UPLOAD_MARK])  # --resume still finds the staged conversion
+                except Exception:  # noqa: BLE001 - the conversion's own error matters
+                    pass
+            raise
     upload_store(local, loc, resume=resume or bool(sizes), progress=params.get("progress", "auto"))
-    shutil.rmtree(local, ignore_errors=True)
+    shutil.rmtree(local.parent, ignore_errors=True)
     if staging is None:
         try:
             parent.rmdir()  # only when empty (another conversion may stage there)

@@ -1,0 +1,206 @@
+"""Timeline of input production during ``model.fit``: when each worker is busy, when the
+training loop computes, and how long each step waits for its batch (issue 14's stall target).
+
+Usage::
+
+    python benchmarks/timeline.py --backend memmap --workers 2 --share 0.8 --epochs 3 \\
+        --out benchmarks/results/timeline_memmap.json --plot benchmarks/results/timeline_memmap.png
+
+First the pipeline's capacity is measured (``fit`` with no compute per step); then a simulated
+accelerator spends ``1 / (share * capacity)`` per step (sleeping, GIL released, like a GPU) and
+the timeline is recorded:
+
+- workers: ``time.monotonic()`` (system-wide on Linux) before and after every
+  ``BatchProducer.produce`` call, per worker process (a wrapper sent to the workers);
+- consumer: the start and end of every simulated compute step (inside the train step's
+  ``tf.numpy_function``); the gap between the end of one step and the start of the next is
+  the training loop's time between steps (waiting for the batch, plus Keras's own work).
+
+``stall = 1 - compute / wall`` over the timed steps (the first epoch's first ``--warmup`` steps
+are left out: workers starting), and the gaps are split into those at epoch boundaries and the
+others.  Needs matplotlib for ``--plot`` (``pip install -e ".[bench]"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+__all__ = ["TimedProducer", "run", "main"]
+
+
+class TimedProducer:
+    """Wraps a BatchProducer; each process appends ``start end epoch first_index`` lines to its
+    own file in ``folder`` (one write per batch, after the batch: no effect on its timing)."""
+
+    def __init__(self, inner: Any, folder: str) -> None:
+        self.inner, self.folder = inner, folder
+
+    def setup(self) -> None:
+        self.inner.setup()
+
+    def describe(self, task: Any, shown: int = 4) -> str:
+        return self.inner.describe(task, shown)
+
+    def produce(self, task: Any, out: dict[str, np.ndarray]) -> int:
+        t0 = time.monotonic()
+        n = self.inner.produce(task, out)
+        t1 = time.monotonic()
+        with open(os.path.join(self.folder, f"w{os.getpid()}.txt"), "a") as fh:
+            fh.write(f"{t0:.6f} {t1:.6f} {int(task[0])} {int(np.asarray(task[1])[0])}\n")
+        return n
+
+
+def _model(step_s: float, log: list[tuple[float, float]]) -> Any:
+    import keras
+    import tensorflow as tf
+
+    def compute(x: np.ndarray) -> np.float32:
+        t0 = time.monotonic()
+        if step_s > 0:
+            time.sleep(step_s)
+        log.append((t0, time.monotonic()))
+        return np.float32(0.0)
+
+    class Simulated(keras.Model):
+        def call(self, inputs: Any) -> Any:
+            return inputs
+
+        def train_step(self, data: Any) -> dict[str, Any]:
+            loss = tf.numpy_function(compute, [tf.reshape(data[0], [-1])[:1]], tf.float32, stateful=True)
+            return {"loss": loss}
+
+    model = Simulated()
+    model.compile()
+    return model
+
+
+def run(store: str, *, workers: int, step_s: float, epochs: int, batch_size: int, augment: str,
+        dtype: str, priority: str) -> dict[str, Any]:
+    """One fit of ``epochs`` epochs with ``step_s`` of compute per step; returns the timeline."""
+    from streamseg import SegmentationDataset
+
+    ds = SegmentationDataset(store, batch_size, augment=augment, shuffle="window", workers=workers,
+                             use_multiprocessing=True, drop_remainder=True, dtype=dtype,
+                             worker_priority=priority)
+    with tempfile.TemporaryDirectory(prefix="streamseg-timeline-") as folder:
+        ds._feeder.producer = TimedProducer(ds._feeder.producer, folder)
+        steps: list[tuple[float, float]] = []
+        model = _model(step_s, steps)
+        t0 = time.monotonic()
+        model.fit(ds, epochs=epochs, verbose=0, callbacks=[ds.epoch_callback()])
+        t1 = time.monotonic()
+        ds.close()
+        busy = {}
+        for i, path in enumerate(sorted(Path(folder).glob("w*.txt"))):
+            rows = [line.split() for line in path.read_text().splitlines()]
+            busy[f"worker {i + 1}"] = [(float(a), float(b), int(e)) for a, b, e, _ in rows]
+    return {"t0": t0, "t1": t1, "steps": steps, "busy": busy, "batches_per_epoch": len(ds)}
+
+
+def analyse(tl: dict[str, Any], warmup: int) -> dict[str, Any]:
+    steps, per_epoch = tl["steps"], tl["batches_per_epoch"]
+    timed = steps[warmup:]
+    wall = timed[-1][1] - timed[0][0]
+    compute = sum(b - a for a, b in timed)
+    gaps = [(steps[i + 1][0] - steps[i][1], (i + 1) % per_epoch == 0) for i in range(warmup, len(steps) - 1)]
+    inner = [g for g, edge in gaps if not edge]
+    edges = [g for g, edge in gaps if edge]
+    lo, hi = timed[0][0], timed[-1][1]
+    work = {name: sum(max(0.0, min(b, hi) - max(a, lo)) for a, b, _ in spans) / wall
+            for name, spans in tl["busy"].items()}
+    return {"timed_steps": len(timed), "wall_s": wall, "compute_s": compute, "stall": 1.0 - compute / wall,
+            "gap_ms_median": 1e3 * float(np.median(inner)) if inner else None,
+            "gap_ms_p95": 1e3 * float(np.percentile(inner, 95)) if inner else None,
+            "gap_ms_max": 1e3 * max(inner) if inner else None,
+            "gap_s_inner_total": float(sum(inner)), "epoch_edge_gaps_ms": [1e3 * g for g in edges],
+            "worker_busy_share": work}
+
+
+def plot(tl: dict[str, Any], res: dict[str, Any], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t0 = tl["steps"][0][0]
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(12, 5.5), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    rows = list(tl["busy"]) + ["training loop (compute)"]
+    colours = ["tab:blue", "tab:orange", "tab:purple", "tab:brown"]
+    for r, name in enumerate(rows):
+        spans = tl["steps"] if name.startswith("training") else tl["busy"][name]
+        ax.broken_barh([(a - t0, b - a) for a, b, *_ in spans], (r - 0.4, 0.8),
+                       facecolors="tab:green" if name.startswith("training") else colours[r % len(colours)])
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_title(title)
+    per_epoch = tl["batches_per_epoch"]
+    for i in range(per_epoch, len(tl["steps"]), per_epoch):
+        for a in (ax, ax2):
+            a.axvline(tl["steps"][i][0] - t0, color="grey", lw=0.8, ls=":")
+    xs = [tl["steps"][i + 1][0] - t0 for i in range(len(tl["steps"]) - 1)]
+    ys = [1e3 * (tl["steps"][i + 1][0] - tl["steps"][i][1]) for i in range(len(tl["steps"]) - 1)]
+    ax2.plot(xs, ys, ".", ms=3, color="tab:red")
+    ax2.set_ylabel("gap before step (ms)")
+    ax2.set_xlabel("seconds (dotted: epoch boundaries)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", default=None, help="store path (default: synthetic data of --backend)")
+    p.add_argument("--backend", choices=["zarr", "memmap"], default="memmap")
+    p.add_argument("--data", default=str(ROOT / "bench_data"))
+    p.add_argument("--count", type=int, default=512)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--share", type=float, default=0.8, help="share of the measured capacity the consumer asks for")
+    p.add_argument("--capacity", type=float, default=None, help="batches/s (default: measured first)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=4, help="first steps left out of the figures")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--augment", default="standard")
+    p.add_argument("--dtype", choices=["float32", "uint8"], default="float32")
+    p.add_argument("--worker-priority", choices=["normal", "low", "idle"], default="normal")
+    p.add_argument("--out", default=None)
+    p.add_argument("--plot", default=None)
+    args = p.parse_args(argv)
+    store = args.store
+    if store is None:
+        from compare import prepare_stores
+
+        store = prepare_stores(args.data, args.count, formats=(args.backend,))[args.backend]
+    common = dict(workers=args.workers, epochs=args.epochs, batch_size=args.batch_size, augment=args.augment,
+                  dtype=args.dtype, priority=args.worker_priority)
+    capacity = args.capacity
+    if capacity is None:
+        cap = analyse(run(store, step_s=0.0, **common), args.warmup)
+        capacity = cap["timed_steps"] / cap["wall_s"]
+    step_s = 1.0 / (args.share * capacity)
+    tl = run(store, step_s=step_s, **common)
+    res = analyse(tl, args.warmup)
+    res.update({**vars(args), "store": store, "capacity_batches_per_s": capacity, "step_ms": 1e3 * step_s})
+    print(json.dumps({k: v for k, v in res.items() if k != "epoch_edge_gaps_ms"}, indent=1))
+    print("epoch-boundary gaps (ms):", ", ".join(f"{g:.1f}" for g in res["epoch_edge_gaps_ms"]))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"result": res, "timeline": tl}, indent=1))
+    if args.plot:
+        plot(tl, res, args.plot, f"{args.workers} {args.worker_priority} workers, consumer at {args.share:.0%} of "
+                                 f"capacity ({capacity * args.batch_size:.0f} samples/s), {args.backend} {args.dtype}: "
+                                 f"stall {res['stall']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
