@@ -19,6 +19,7 @@ from .errors import (
     OptionError,
     SourceMismatchError,
     StoreExistsError,
+    RemoteStoreError,
     StoreNotFoundError,
     StreamsegError,
     UnreadableFileError,
@@ -43,6 +44,8 @@ __all__ = [
     "SourceMismatchError",
     "Store",
     "StoreExistsError",
+    "RemoteStoreError",
+    "RemoteStore",
     "StoreNotFoundError",
     "StreamsegError",
     "UnreadableFileError",
@@ -61,6 +64,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "RemoteStore": ("store.remote", "RemoteStore"),
     "Augment": ("pipeline.augment", "Augment"),
     "SegmentationDataset": ("pipeline.dataset", "SegmentationDataset"),
     "PatchDataset": ("pipeline.patches", "PatchDataset"),

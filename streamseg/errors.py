@@ -22,6 +22,7 @@ __all__ = [
     "DestinationError",
     "CorruptStoreError",
     "CorruptChunkError",
+    "RemoteStoreError",
     "InputError",
     "SourceMismatchError",
     "UnreadableFileError",
@@ -66,6 +67,10 @@ class CorruptStoreError(StreamsegError, OSError):
 
 class CorruptChunkError(CorruptStoreError):
     """A chunk could not be read or decoded, or its checksum does not match."""
+
+
+class RemoteStoreError(StreamsegError, OSError):
+    """Object storage cannot be reached, refuses access, or a transfer failed."""
 
 
 class InputError(StreamsegError, ValueError):

@@ -297,9 +297,9 @@ def test_from_arrays_scans_small_masks_for_labels():
 
 def test_large_wrapped_masks_need_num_classes(monkeypatch):
     from streamseg import SegmentationDataset
-    from streamseg.store import reader
+    from streamseg.store import wrapped
 
-    monkeypatch.setattr(reader, "_LABEL_SCAN_BYTES", 100)
+    monkeypatch.setattr(wrapped, "_LABEL_SCAN_BYTES", 100)
     store = Store.from_arrays(np.zeros((6, 8, 8, 1), np.uint8), np.full((6, 8, 8), 3, np.uint8))
     assert "label_values" not in store.meta
     with pytest.raises(OptionError, match="num_classes is needed.*Received: num_classes=None"):

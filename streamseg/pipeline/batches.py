@@ -150,7 +150,8 @@ class BatchProducer:
         return f"{text} of store {self._where()}, epoch {epoch}"
 
     def _where(self) -> str:
-        return str(self.store.path) if self.store.path is not None else "in-memory arrays"
+        url = getattr(self.store, "url", None)  # a RemoteStore: the URL, not its local mirror
+        return url or (str(self.store.path) if self.store.path is not None else "in-memory arrays")
 
     def produce(self, task: tuple[int, np.ndarray], out: dict[str, np.ndarray]) -> int:
         """Fill ``out['images'][:n]`` and ``out['masks'][:n]`` for ``task = (epoch, indices)``.

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..errors import CorruptStoreError, OptionError, truncate
 from .integrity import ReadVerifier, check_metadata, refuse_damaged, source_names, sources_problem
+from .wrapped import picklable, unpickle_array, wrapped_meta
 from .layout import (
     ARRAY_NAMES,
     FORMAT_VERSION,
@@ -44,7 +45,6 @@ from .layout import (
 __all__ = ["Store", "open_store", "MANIFEST_NAME", "PROGRESS_NAME", "PLAN_NAME", "FORMAT_VERSION", "ARRAY_NAMES"]
 
 _ZarrChunkReader = ZarrChunkReader  # the name the writer imports
-_LABEL_SCAN_BYTES = 256 * 2**20  # wrapped masks up to this size are scanned for their labels once
 _GROUP_BYTES = 1 << 20  # memmap reads: samples are copied (and checked) this many bytes at a time
 
 
@@ -114,29 +114,6 @@ class Store:
             label values (``meta["label_values"]``, from which a dataset takes its default
             ``num_classes``); larger ones are not, and a dataset then needs ``num_classes``.
         """
-        for label, arr in (("images", images), ("masks", masks)):
-            if not hasattr(arr, "shape") or not hasattr(arr, "__getitem__"):
-                raise OptionError(
-                    f"Expected `{label}` to be an array (NumPy, memmap, zarr, h5py). "
-                    f"Received: {truncate(type(arr))}"
-                )
-        if len(images.shape) not in (3, 4) or len(masks.shape) not in (3, 4):
-            raise OptionError(
-                "Expected images of shape (N, H, W[, C]) and masks of shape (N, H, W[, 1]). "
-                f"Received: images {tuple(images.shape)}, masks {tuple(masks.shape)}"
-            )
-        if tuple(images.shape[:3]) != tuple(masks.shape[:3]):
-            raise OptionError(
-                "Images and masks must have the same count, height and width. "
-                f"Received: images {tuple(images.shape)}, masks {tuple(masks.shape)}"
-            )
-        if len(masks.shape) == 4 and masks.shape[3] != 1:
-            raise OptionError(f"Masks must have one channel. Received: masks {tuple(masks.shape)}")
-        if np.dtype(masks.dtype).kind not in "iub":
-            raise OptionError(
-                "Masks must hold integer labels; round or threshold float masks first. "
-                f"Received: masks of dtype {masks.dtype}"
-            )
         self = cls.__new__(cls)
         self.path = None
         self._arrays = (images, masks)
@@ -144,23 +121,7 @@ class Store:
         self._lazy = {}
         self.backend = "arrays"
         self.verify_reads = False  # nothing was recorded to check against
-        n = int(images.shape[0])
-        c = 1 if len(images.shape) == 3 else int(images.shape[3])
-        self.meta = {
-            "format_version": FORMAT_VERSION,
-            "backend": "arrays",
-            "complete": True,
-            "count": n,
-            "image_shape": [int(images.shape[1]), int(images.shape[2]), c],
-            "image_dtype": str(np.dtype(images.dtype)),
-            "mask_shape": [int(masks.shape[1]), int(masks.shape[2]), 1],
-            "mask_dtype": str(np.dtype(masks.dtype)),
-            "chunk_samples": int((getattr(images, "chunks", None) or (1,))[0] or 1),
-            "names": list(names) if names is not None else None,
-        }
-        labels = _scan_labels(masks)
-        if labels is not None:
-            self.meta["label_values"] = labels
+        self.meta = wrapped_meta(images, masks, names)  # checks the arrays
         return self
 
     def with_verify_reads(self, enabled: bool | None) -> "Store":
@@ -183,7 +144,7 @@ class Store:
         if self.path is not None:
             return {"path": str(self.path), "verify_reads": self.verify_reads}
         images, masks = self._arrays  # type: ignore[misc]
-        return {"arrays": (_picklable(images, "images"), _picklable(masks, "masks")), "meta": self.meta}
+        return {"arrays": (picklable(images, "images"), picklable(masks, "masks")), "meta": self.meta}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._readers = None
@@ -196,7 +157,7 @@ class Store:
         else:
             self.meta = state["meta"]
             self.path = None
-            self._arrays = tuple(_unpickle_array(a) for a in state["arrays"])  # type: ignore[assignment]
+            self._arrays = tuple(unpickle_array(a) for a in state["arrays"])  # type: ignore[assignment]
             self.verify_reads = False
         self.backend = self.meta.get("backend", "zarr")
 
@@ -406,42 +367,6 @@ class Store:
             got_m = np.stack([np.asarray(src_m[int(i)]) for i in uniq])
         images[...] = got_i[inverse].reshape(images.shape)
         masks[...] = got_m[inverse].reshape(masks.shape)
-
-
-def _picklable(arr: Any, label: str) -> Any:
-    if isinstance(arr, np.memmap) and getattr(arr, "filename", None):
-        return ("memmap", str(arr.filename), int(arr.offset), arr.shape, str(arr.dtype),
-                "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C")
-    if type(arr).__module__.startswith("h5py"):
-        raise OptionError(
-            f"An h5py dataset ({label}) cannot be sent to worker processes. Convert it with "
-            "`streamseg.convert` or use workers without multiprocessing. "
-            f"Received: {truncate(arr)}"
-        )
-    return ("plain", arr)
-
-
-def _unpickle_array(spec: tuple) -> Any:
-    if spec[0] == "memmap":
-        _, filename, offset, shape, dtype, order = spec
-        return np.memmap(filename, mode="r", dtype=dtype, shape=shape, offset=offset, order=order)
-    return spec[1]
-
-
-def _scan_labels(masks: Any) -> list[int] | None:
-    """Label values of wrapped masks under 256 MiB (one pass); None for larger ones."""
-    nbytes = int(np.prod(masks.shape)) * np.dtype(masks.dtype).itemsize
-    if nbytes > _LABEL_SCAN_BYTES:
-        return None
-    data = np.asarray(masks if isinstance(masks, np.ndarray) else masks[...]).reshape(-1)
-    if data.size == 0:
-        return []
-    if data.dtype == np.bool_:
-        data = data.view(np.uint8)
-    lo, hi = int(data.min()), int(data.max())
-    if lo >= 0 and hi < 65536:
-        return np.flatnonzero(np.bincount(data, minlength=1)).tolist()
-    return [int(v) for v in np.unique(data)]
 
 
 def _open_manifest(path: Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ..errors import OptionError, StoreNotFoundError, StreamsegError, truncate
+from ..errors import OptionError, RemoteStoreError, StoreNotFoundError, StreamsegError, truncate
 
 __all__ = ["RemoteLocation", "RemoteStoreError", "is_url", "parse_storage_options", "redact_options", "scrub",
            "MAX_CONNECTIONS"]
@@ -49,10 +49,6 @@ _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN
 _ACCESS_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
                   "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken",
                   "ClientAuthenticationError", "DefaultCredentialsError", "RefreshError"}
-
-
-class RemoteStoreError(StreamsegError, OSError):
-    """Object storage cannot be reached, refuses access, or a transfer failed."""
 
 
 def is_url(path: Any) -> bool:
