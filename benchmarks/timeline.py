@@ -16,9 +16,15 @@ the timeline is recorded:
   ``tf.numpy_function``); the gap between the end of one step and the start of the next is
   the training loop's time between steps (waiting for the batch, plus Keras's own work).
 
-``stall = 1 - compute / wall`` over the timed steps (the first epoch's first ``--warmup`` steps
-are left out: workers starting), and the gaps are split into those at epoch boundaries and the
-others.  Needs matplotlib for ``--plot`` (``pip install -e ".[bench]"``).
+Over the timed steps (the first ``--warmup`` steps are left out: workers starting),
+``overhead = 1 - compute / wall`` counts every gap between steps, Keras's own included;
+``stall`` compares with the same fit on one batch already in memory
+(``tf.data.Dataset.from_tensors``, same steps and epochs), as ``streamseg bench`` does: the share
+of the time the loop waits for its input beyond what the loop itself takes, where the loop's own
+time is compute plus the floor run's median gap per step within an epoch and its smallest
+gap at an epoch boundary, so that one slow step of the floor run does not hide a stall;
+``stall_vs_floor_wall = 1 - floor_wall / wall`` is ``streamseg bench``'s plain ratio.  Gaps are split
+into those at epoch boundaries and the others.  Needs matplotlib for ``--plot`` (``pip install -e ".[bench]"``).
 """
 
 from __future__ import annotations
@@ -86,6 +92,23 @@ def _model(step_s: float, log: list[tuple[float, float]]) -> Any:
     return model
 
 
+def floor_run(store: str, *, step_s: float, epochs: int, batch_size: int, dtype: str, **_: Any) -> dict[str, Any]:
+    """The same fit on one batch already in memory (``tf.data.Dataset.from_tensors``, as many
+    batches per epoch): the loop's own time between steps, with no input to wait for."""
+    import tensorflow as tf
+    from streamseg import SegmentationDataset
+
+    ds = SegmentationDataset(store, batch_size, workers=0, drop_remainder=True, dtype=dtype)
+    x, y = ds[0]
+    n = len(ds)
+    cached = tf.data.Dataset.from_tensors((x, y)).repeat(n)
+    steps: list[tuple[float, float]] = []
+    model = _model(step_s, steps)
+    t0 = time.monotonic()
+    model.fit(cached, epochs=epochs, verbose=0)
+    return {"t0": t0, "t1": time.monotonic(), "steps": steps, "busy": {}, "batches_per_epoch": n}
+
+
 def run(store: str, *, workers: int, step_s: float, epochs: int, batch_size: int, augment: str,
         dtype: str, priority: str) -> dict[str, Any]:
     """One fit of ``epochs`` epochs with ``step_s`` of compute per step; returns the timeline."""
@@ -120,7 +143,7 @@ def analyse(tl: dict[str, Any], warmup: int) -> dict[str, Any]:
     lo, hi = timed[0][0], timed[-1][1]
     work = {name: sum(max(0.0, min(b, hi) - max(a, lo)) for a, b, _ in spans) / wall
             for name, spans in tl["busy"].items()}
-    return {"timed_steps": len(timed), "wall_s": wall, "compute_s": compute, "stall": 1.0 - compute / wall,
+    return {"timed_steps": len(timed), "wall_s": wall, "compute_s": compute, "overhead": 1.0 - compute / wall,
             "gap_ms_median": 1e3 * float(np.median(inner)) if inner else None,
             "gap_ms_p95": 1e3 * float(np.percentile(inner, 95)) if inner else None,
             "gap_ms_max": 1e3 * max(inner) if inner else None,
@@ -189,6 +212,19 @@ def main(argv: list[str] | None = None) -> int:
     step_s = 1.0 / (args.share * capacity)
     tl = run(store, step_s=step_s, **common)
     res = analyse(tl, args.warmup)
+    floor = analyse(floor_run(store, step_s=step_s, **common), args.warmup)
+    res["floor_wall_s"] = floor["wall_s"]
+    res["floor_gap_ms_median"] = floor["gap_ms_median"]
+    res["floor_epoch_edge_gaps_ms"] = floor["epoch_edge_gaps_ms"]
+    res["stall_vs_floor_wall"] = max(0.0, 1.0 - floor["wall_s"] / res["wall_s"])
+    # robust to one slow step of the floor run (a 0.9 s pause was seen in one): the loop's own
+    # time per gap is the floor's median gap, within an epoch and at its boundaries apart
+    edge = float(min(floor["epoch_edge_gaps_ms"])) / 1e3 if floor["epoch_edge_gaps_ms"] else 0.0
+    n_edges = len(res["epoch_edge_gaps_ms"])
+    n_inner = res["timed_steps"] - 1 - n_edges
+    own = res["compute_s"] + n_inner * floor["gap_ms_median"] / 1e3 + n_edges * edge
+    res["stall"] = max(0.0, 1.0 - own / res["wall_s"])
+    res["stall_at_epoch_edges"] = sum(max(0.0, g / 1e3 - edge) for g in res["epoch_edge_gaps_ms"]) / res["wall_s"]
     res.update({**vars(args), "store": store, "capacity_batches_per_s": capacity, "step_ms": 1e3 * step_s})
     print(json.dumps({k: v for k, v in res.items() if k != "epoch_edge_gaps_ms"}, indent=1))
     print("epoch-boundary gaps (ms):", ", ".join(f"{g:.1f}" for g in res["epoch_edge_gaps_ms"]))
@@ -198,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         plot(tl, res, args.plot, f"{args.workers} {args.worker_priority} workers, consumer at {args.share:.0%} of "
                                  f"capacity ({capacity * args.batch_size:.0f} samples/s), {args.backend} {args.dtype}: "
-                                 f"stall {res['stall']:.3f}")
+                                 f"stall {res['stall']:.3f} (overhead {res['overhead']:.3f}; same loop "
+                                 f"on cached data: median gap {res['floor_gap_ms_median']:.1f} ms)")
     return 0
 
 
