@@ -197,7 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker-priority", choices=["normal", "low", "idle"], default="normal")
     p.add_argument("--out", default=None)
     p.add_argument("--plot", default=None)
+    p.add_argument("--replot", default=None, help="redraw --plot from this --out JSON, measure nothing")
     args = p.parse_args(argv)
+    if args.replot:
+        saved = json.loads(Path(args.replot).read_text())
+        plot(saved["timeline"], saved["result"], args.plot or args.replot[:-5] + ".png", title(saved["result"]))
+        return 0
     store = args.store
     if store is None:
         from compare import prepare_stores
@@ -232,11 +237,16 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"result": res, "timeline": tl}, indent=1))
     if args.plot:
-        plot(tl, res, args.plot, f"{args.workers} {args.worker_priority} workers, consumer at {args.share:.0%} of "
-                                 f"capacity ({capacity * args.batch_size:.0f} samples/s), {args.backend} {args.dtype}: "
-                                 f"stall {res['stall']:.3f} (overhead {res['overhead']:.3f}; same loop "
-                                 f"on cached data: median gap {res['floor_gap_ms_median']:.1f} ms)")
+        plot(tl, res, args.plot, title(res))
     return 0
+
+
+def title(res: dict[str, Any]) -> str:
+    """Plot title: the setting on one line, the stall figures on the next."""
+    return (f"{res['workers']} {res['worker_priority']} workers, consumer at {res['share']:.0%} of capacity "
+            f"({res['capacity_batches_per_s'] * res['batch_size']:.0f} samples/s), {res['backend']} {res['dtype']}\n"
+            f"stall {res['stall']:.3f} ({res['stall_at_epoch_edges']:.3f} at epoch boundaries); median gap "
+            f"{res['gap_ms_median']:.1f} ms, same loop on cached data {res['floor_gap_ms_median']:.1f} ms")
 
 
 if __name__ == "__main__":
