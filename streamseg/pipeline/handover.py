@@ -117,8 +117,11 @@ class HandoverMixin:
         """Collect batch 0 of ``epoch + 1`` for the next pass (a guess: unused if it is not)."""
         passes = self._passes
         try:
-            # a copy, not a batch lent from a shared-memory slot: the carry may wait long
-            carry.batch = self._fetch_raw(epoch + 1, 0, range(1, n), start=False, lend=False)
+            # lent from its shared-memory slot, not copied: under fit the next pass takes it within
+            # ~20 ms, and the copy (33 MiB for 32x256x256x3 float32 + masks, into fresh pages) sat on
+            # the critical path of every epoch boundary (55-95 ms measured, RESULTS.md 13c); a carry
+            # nobody takes holds one of the pool's lent slots until the dataset drops it
+            carry.batch = self._fetch_raw(epoch + 1, 0, range(1, n), start=False, lend=True)
             if self._passes == passes:  # no pass started meanwhile (it would lose its look-ahead)
                 self._feeder.epoch_finished(keep=lambda key: key[0] > epoch)  # re-arm keep_alive
         except BaseException:  # noqa: BLE001 - the next pass asks again and gets the error itself
