@@ -12,7 +12,7 @@ from streamseg import OptionError, SegmentationDataset, Store
 from streamseg.parallel.feeder import Feeder
 from streamseg.pipeline.augment import Augment
 from streamseg.pipeline.batches import sample_rng
-from streamseg.pipeline.fused import augment_into, fusable, lookup_table, normalize_into, normalize_uint8_into
+from streamseg.pipeline.fused import augment_into, fusable, lookup_table, normalize_into
 
 UNIT = (np.zeros(1, np.float32), np.full(1, 1 / 255, np.float32))
 PER_CHANNEL = (np.array([3.0, 13.0, 23.0], np.float32), np.array([0.01, 0.02, 0.03], np.float32))
@@ -61,15 +61,12 @@ def test_lookup_table_path_is_bit_exact_with_gamma():
         np.testing.assert_array_equal(got, want)
 
 
-def test_normalize_uint8_into_is_bit_exact():
-    batch = np.random.default_rng(0).integers(0, 256, (5, 8, 9, 3), dtype=np.uint8)
-    for offset, scale in (UNIT, PER_CHANNEL):
-        want, got = np.empty(batch.shape, np.float32), np.empty(batch.shape, np.float32)
-        normalize_into(batch, want, offset, scale)
-        normalize_uint8_into(batch, got, offset, scale)
-        np.testing.assert_array_equal(got, want)
+def test_lookup_table_normalises_per_channel():
     table = lookup_table(None, 255.0, None, *PER_CHANNEL, 3, np.dtype(np.float32))
-    assert table.shape == (256, 1, 3) and table[255, 0, 2] == np.float32((255 - 23) * np.float32(0.03))
+    want = np.empty((256, 3), np.float32)
+    normalize_into(np.repeat(np.arange(256, dtype=np.float32)[:, None], 3, axis=1), want, *PER_CHANNEL)
+    assert table.shape == (256, 1, 3)
+    np.testing.assert_array_equal(table[:, 0, :], want)
 
 
 def test_fusable_only_for_uint8_with_a_uint8_fill():

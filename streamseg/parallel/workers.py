@@ -292,12 +292,9 @@ class ProcessBackend:
     def send(self, ticket: int, slot: int, payload: bytes, group: Any = None) -> None:
         """Queue a task on the worker of its ``group`` (if that one is not behind), else on the
         least loaded worker."""
-        worker = self._pick(group)
+        worker = pick_worker(self.outstanding, self._groups, group)
         self.outstanding[worker] += 1
         self.tasks[worker].put((ticket, slot, payload))
-
-    def _pick(self, group: Any) -> int:
-        return pick_worker(self.outstanding, self._groups, group)
 
     def collect(self, timeout: float, want: int | None) -> tuple[list, tuple | None]:
         """Wait up to ``timeout``; return ([(worker, message)], (dead worker, text) or None)."""

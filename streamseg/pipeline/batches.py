@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import LabelError, OptionError, StreamsegError, WorkerError, truncate
 from ..store.reader import Store
-from .fused import augment_into, clip_into, fusable, normalize_into, normalize_uint8_into
+from .fused import augment_into, clip_into, fusable, normalize_into, uniform_pair
 
 __all__ = ["BatchOptions", "epoch_order", "window_group", "normalize_into", "clip_into", "sample_rng", "BatchProducer",
            "SHUFFLE_MODES", "MASK_MODES", "NORMALIZE_MODES"]
@@ -201,12 +201,13 @@ class BatchProducer:
                 label_src[j] = msk
         else:
             label_src = np.empty_like(raw_masks)
-            fused = fusable(aug, raw_images.dtype, raw_images.shape[-1])  # uint8: one table pass per sample
+            fused = fusable(aug, raw_images.dtype, raw_images.shape[-1])  # uint8: one pass per sample
+            uniform = uniform_pair(opts.image_offset, opts.image_scale)
             for j in range(n):
                 rng = sample_rng(opts.seed, epoch, idx[j])
                 if fused:
-                    label_src[j] = augment_into(aug, raw_images[j], raw_masks[j], rng, images[j],
-                                                opts.image_offset, opts.image_scale, opts.value_range)
+                    label_src[j] = augment_into(aug, raw_images[j], raw_masks[j], rng, images[j], opts.image_offset,
+                                                opts.image_scale, opts.value_range, uniform=uniform)
                     continue
                 img, msk = aug(raw_images[j], raw_masks[j], rng, value_range=opts.value_range)
                 normalize_into(img, images[j], opts.image_offset, opts.image_scale)
@@ -218,8 +219,8 @@ class BatchProducer:
         """``dst = clip_out((clip_in(src) - offset) * scale)``, offsets per sample or per store."""
         opts = self.options
         if opts.clip_in is None and opts.clip_out is None and opts.sample_group is None:
-            if fusable(None, src.dtype, src.shape[-1]):
-                normalize_uint8_into(src, dst, opts.image_offset, opts.image_scale)
+            if dst.dtype == np.uint8:  # dtype="uint8": the model normalises
+                np.copyto(dst, src)
             else:
                 normalize_into(src, dst, opts.image_offset, opts.image_scale)
             return

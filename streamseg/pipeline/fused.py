@@ -22,7 +22,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-__all__ = ["normalize_into", "clip_into", "fusable", "lookup_table", "augment_into", "normalize_uint8_into"]
+__all__ = ["normalize_into", "clip_into", "fusable", "uniform_pair", "lookup_table", "augment_into"]
 
 _MAX_LUT_CHANNELS = 4  # cv2.LUT with a per-channel table, checked here for 1, 3 and 4 channels
 
@@ -106,14 +106,27 @@ def _apply_table(src: np.ndarray, table: np.ndarray, dst: np.ndarray) -> None:
         np.copyto(flat_dst, got.reshape(flat_dst.shape))
 
 
+def uniform_pair(offset: np.ndarray, scale: np.ndarray) -> tuple[float, float] | None:
+    """``(o, s)`` when every channel has the same offset and scale, else None."""
+    off, sc = np.asarray(offset, np.float64).ravel(), np.asarray(scale, np.float64).ravel()
+    if np.all(off == off[0]) and np.all(sc == sc[0]):
+        return float(off[0]), float(sc[0])
+    return None
+
+
 def augment_into(augment: Any, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
-                 dst: np.ndarray, offset: np.ndarray, scale: np.ndarray, value_range: float) -> np.ndarray:
+                 dst: np.ndarray, offset: np.ndarray, scale: np.ndarray, value_range: float, *,
+                 uniform: tuple[float, float] | None | bool = False) -> np.ndarray:
     """Augment one uint8 ``image`` (``fusable``) into ``dst``; return the augmented mask.
 
     ``dst`` float32: equal to ``normalize_into(augment(image, mask, rng)[0], dst, offset, scale)``
-    bit for bit; uint8: the augmented image rounded to integers.  Samples that draw blur or noise
-    take the per-pixel path.
+    (bit for bit when gamma is drawn or nothing photometric is, else to float32 rounding,
+    ~3e-7 relative); uint8: the augmented image rounded to integers.  Samples that draw blur or
+    noise take the per-pixel path.  ``uniform``: :func:`uniform_pair` of ``offset, scale``, when
+    the caller has it (once per batch); by default computed here.
     """
+    if uniform is False:
+        uniform = uniform_pair(offset, scale)
     h, w = image.shape[:2]
     p = augment.sample(rng, (h, w))
     if p["blur"] or p["noise"] is not None:
@@ -131,7 +144,7 @@ def augment_into(augment: Any, image: np.ndarray, mask: np.ndarray, rng: np.rand
     mean = None
     if p["contrast"] is not None and p["contrast"] != 1.0:
         mean = float(cv2.mean(warped.reshape(h, -1))[0])
-    if p["gamma"] is None and _affine_into(warped, dst, p, value_range, mean, offset, scale):
+    if p["gamma"] is None and _affine_into(warped, dst, p, value_range, mean, uniform):
         return msk
     channels = dst.shape[-1] if dst.ndim == 3 else 1
     _apply_table(warped, lookup_table(p, value_range, mean, offset, scale, channels, dst.dtype), dst)
@@ -139,18 +152,17 @@ def augment_into(augment: Any, image: np.ndarray, mask: np.ndarray, rng: np.rand
 
 
 def _affine_into(warped: np.ndarray, dst: np.ndarray, p: dict[str, Any], vr: float, mean: float | None,
-                 offset: np.ndarray, scale: np.ndarray) -> bool:
+                 uniform: tuple[float, float] | None) -> bool:
     """Contrast, brightness, clip and normalisation as one ``cv2.addWeighted`` (+ one clip).
 
     ``clip(x * f + b, 0, vr)`` then ``(y - o) * s`` is ``clip(x * f * s + (b - o) * s, -o * s,
     (vr - o) * s)`` for ``s > 0``: the same values up to float32 rounding (~1e-7 relative), two
     passes instead of six.  False (nothing written) for per-channel offsets/scales or ``s <= 0``.
     """
-    off, sc = np.asarray(offset, np.float64).ravel(), np.asarray(scale, np.float64).ravel()
     if dst.dtype == np.uint8:
         o, s = 0.0, 1.0  # not normalised: the model does it
-    elif np.all(off == off[0]) and np.all(sc == sc[0]) and sc[0] > 0:
-        o, s = float(off[0]), float(sc[0])
+    elif uniform is not None and uniform[1] > 0:
+        o, s = uniform
     else:
         return False
     photometric = p["brightness"] is not None or p["contrast"] is not None
@@ -165,13 +177,3 @@ def _affine_into(warped: np.ndarray, dst: np.ndarray, p: dict[str, Any], vr: flo
     if photometric and depth == cv2.CV_32F:  # uint8 output saturates to [0, 255] by itself
         np.clip(flat_dst, np.float32(-o * s), np.float32((vr - o) * s), out=flat_dst)
     return True
-
-
-def normalize_uint8_into(src: np.ndarray, dst: np.ndarray, offset: np.ndarray, scale: np.ndarray) -> None:
-    """``normalize_into`` for a uint8 batch ``(N, H, W, C)``: one lookup-table pass (bit-identical)."""
-    if dst.dtype == np.uint8:
-        np.copyto(dst, src)
-        return
-    n, h, w, c = src.shape
-    table = lookup_table(None, 255.0, None, offset, scale, c, dst.dtype)
-    _apply_table(np.ascontiguousarray(src).reshape(n * h, w, c), table, dst.reshape(n * h, w, c))

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import OptionError, truncate
-from .fused import fusable
+from .fused import fusable, uniform_pair
 
 __all__ = ["TRANSPORT_DTYPES", "check_transport", "normalization_layer"]
 
@@ -58,8 +58,10 @@ def normalization_layer(options: Any, *, name: str = "streamseg_normalize") -> A
 
     if getattr(options, "transport", "float32") == "float32":
         return keras.layers.Identity(name=name)
+    uniform = uniform_pair(options.image_offset, options.image_scale)
+    if uniform is not None:
+        o, s = uniform
+        return keras.layers.Rescaling(s, offset=-o * s, name=name)
     off = np.asarray(options.image_offset, np.float64).ravel()
     sc = np.asarray(options.image_scale, np.float64).ravel()
-    if np.all(off == off[0]) and np.all(sc == sc[0]):
-        return keras.layers.Rescaling(float(sc[0]), offset=float(-off[0] * sc[0]), name=name)
     return keras.layers.Rescaling([float(v) for v in sc], offset=[float(v) for v in -off * sc], name=name)
