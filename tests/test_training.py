@@ -238,6 +238,45 @@ def test_tf_calls_quiesce_waits_until_the_calling_thread_leaves_python():
     assert _TfCalls.wait_out_of_python({threading.get_ident()}, timeout=0.05) is False  # this thread runs Python
 
 
+def test_tf_calls_quiesce_waits_for_a_call_that_is_due_but_not_yet_in_python():
+    """After a call that leaves batches to come, tf.data's thread asks for the next one as soon
+    as the consumer takes a batch, and may still be waiting for the GIL when the exit hooks run
+    (the CI hang): quiesce waits for that call to arrive and be refused."""
+    import _thread
+    import threading
+
+    from streamseg.pipeline.adapter import _TfCalls
+
+    calls, done, order = _TfCalls(), threading.Event(), []
+    assert calls.enter()
+    calls.leave(more=True)  # batch i served; batch i + 1 exists
+
+    def late_call():  # the next call, arriving after quiesce has begun
+        time.sleep(0.3)
+        order.append(("refused", calls.enter() is False))
+        done.set()
+
+    _thread.start_new_thread(late_call, ())
+    calls.quiesce(timeout=10, settle=10)
+    order.append("quiesced")
+    done.wait(10)
+    assert order == [("refused", True), "quiesced"]
+
+
+def test_tf_calls_quiesce_does_not_wait_after_the_last_batch():
+    from streamseg.pipeline.adapter import _TfCalls
+
+    import threading
+
+    calls = _TfCalls()
+    assert calls.enter()
+    calls.leave(more=False)  # the pass's last batch: no call is due
+    t = threading.Thread(target=calls.quiesce, kwargs={"timeout": 600, "settle": 600})
+    t.start()
+    t.join(60)  # a wait for a call that never comes would block for 600 s
+    assert not t.is_alive() and calls.enter() is False
+
+
 def test_tf_calls_quiesce_ignores_python_threads_that_reuse_a_tf_ident(capsys):
     """An ended tf.data thread's ident may be reused by a Python thread that never leaves
     Python (a keep_alive timer waiting): exit must not wait 5 s for it."""

@@ -30,38 +30,51 @@ class _TfCalls:
     and the iterator's destructor then waits for it forever (or aborts).  :meth:`quiesce`,
     called from an ``atexit`` hook (before finalization), refuses new calls and
     waits for running ones, and for their threads to leave Python.
+
+    A call can also be *about to start*: once the consumer takes batch ``i`` from the
+    prefetch buffer, tf.data's thread asks for batch ``i + 1`` at once, and may be waiting for
+    the GIL, not yet in Python, while the main thread runs the exit hooks (in CI, 1 exit in
+    about 20 hung that way).  So after a call that leaves batches to come, :meth:`quiesce`
+    also waits (at most ``settle`` s) for the next call to arrive and be refused.  When the
+    consumer has not taken the last batch, no call comes and the exit waits ``settle`` s.
     """
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
         self.running = 0
         self.refused = False
+        self.expected = False  # the last call left batches to come: tf.data may call again
         self.threads: set[int] = set()  # idents of the (tf.data) threads that called in
 
     def enter(self) -> bool:
         with self.cond:
             self.threads.add(threading.get_ident())
+            self.expected = False
             if self.refused:
+                self.cond.notify_all()
                 return False
             self.running += 1
             return True
 
-    def leave(self) -> None:
+    def leave(self, more: bool = False) -> None:
+        """End a call; ``more``: the pass has batches after this one."""
         with self.cond:
             self.running -= 1
+            self.expected = more
             self.cond.notify_all()
 
-    def quiesce(self, timeout: float = 30.0) -> None:
-        """Refuse new calls and wait (at most ``timeout`` s) until no call is running, then
-        until the calling threads have left Python altogether (tf.data's wrapper around our
-        function runs Python before and after it; a fixed 50 ms wait was not always enough on a
-        loaded machine)."""
+    def quiesce(self, timeout: float = 30.0, settle: float = 1.0) -> None:
+        """Refuse new calls and wait (at most ``timeout`` s) until no call is running, and (at
+        most ``settle`` s) for a call the last one leaves to come, then until the calling
+        threads have left Python altogether (tf.data's wrapper around our function runs Python
+        before and after it; a fixed 50 ms wait was not always enough on a loaded machine)."""
         with self.cond:
             self.refused = True
             if not self.cond.wait_for(lambda: self.running == 0, timeout):
                 print(f"streamseg: a tf.data call into the dataset was still running after {timeout:g} s "
                       "at exit; the interpreter may hang or abort while it finishes", file=sys.stderr)
                 return
+            self.cond.wait_for(lambda: not self.expected and self.running == 0, settle)
             threads = set(self.threads)
         # an ident of a tf.data thread that has ended may be reused by a Python thread (a
         # keep_alive timer, say) that never leaves Python: wait only for threads that
@@ -170,11 +183,14 @@ class KerasAdapterMixin:
         if calls is not None and not calls.enter():
             raise StreamsegError(f"batch {int(i)} of a tf.data pass was asked for while the interpreter exits. "
                                  f"Received: batch {int(i)} of {len(self)}")
+        more = False
         try:
-            return self._tf_next(int(i))
+            batch = self._tf_next(int(i))
+            more = int(i) + 1 < len(self)
+            return batch
         finally:
             if calls is not None:
-                calls.leave()
+                calls.leave(more)
 
     def _tf_next(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         with self._tf_lock:

@@ -223,6 +223,7 @@ class _Pipeline:
         if not calls.enter():
             raise StreamsegError(f"batch {j} of input pipeline {self.plan.pipeline_id} was asked for while the "
                                  f"interpreter exits. Received: batch {j} of {self.plan.batches}, epoch {epoch}")
+        more = False
         try:
             n = self.plan.batches
             key, task = self._task(epoch, j)
@@ -231,9 +232,10 @@ class _Pipeline:
             out = self.ds._feeder.fetch(key, task, ahead)
             if j == n - 1:
                 self.clock.finish(epoch, self.plan.pipeline_id)
+            more = j + 1 < n  # tf.data's prefetch thread may ask for batch j + 1 any moment
             return out["images"], out["masks"]
         finally:
-            calls.leave()
+            calls.leave(more)
 
     def dataset(self, prefetch: int) -> Any:
         import tensorflow as tf
