@@ -42,3 +42,26 @@ class Producer:
 
 def task(i: int, n: int = ROWS, sleep: float = 0.0, fail: bool = False) -> tuple:
     return (i, n, sleep, fail)
+
+
+class ThreadsReporter:
+    """Runs ``inner.setup_process`` as a worker process would, then reports OpenCV's thread
+    count and whether the hook ran in this process; slots: ``THREADS_SLOTS``."""
+
+    def __init__(self, inner: object | None = None) -> None:
+        self.inner = inner
+        self.ran_in = 0  # pid of the process setup_process ran in
+
+    def setup_process(self) -> None:
+        self.ran_in = os.getpid()
+        if self.inner is not None:
+            self.inner.setup_process()
+
+    def produce(self, task: object, out: dict[str, np.ndarray]) -> int:
+        import cv2
+
+        out["v"][0] = (cv2.getNumThreads(), self.ran_in, os.getpid())
+        return 1
+
+
+THREADS_SLOTS = {"v": ((1, 3), np.int64)}

@@ -508,3 +508,40 @@ def test_a_child_forked_during_a_fork_starts_with_a_free_guard():
             os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("processes", [True, False], ids=["processes", "threads"])
+def test_setup_process_runs_in_worker_processes_only(processes):
+    """Process-wide settings (setup_process) are for worker processes: thread workers share
+    the caller's process, which keeps its own settings."""
+    with BatchPool(H.ThreadsReporter(), H.THREADS_SLOTS, workers=2, use_processes=processes,
+                   start_method="fork" if processes else None) as pool:
+        pool.submit("a", None)
+        _, ran_in, pid = pool.result("a", timeout=WAIT)["v"][0]
+    if processes:
+        assert pid != os.getpid() and ran_in == pid
+    else:
+        assert pid == os.getpid() and ran_in == 0
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_batch_producer_runs_opencv_sequentially_in_workers_that_fill_the_cores(sequential):
+    """With sequential_opencv a forked worker runs OpenCV on its own thread (setNumThreads(0):
+    1 would wait forever for pool threads a forked child lacks); the parent keeps its own."""
+    import cv2
+
+    from streamseg.pipeline.batches import BatchOptions, BatchProducer
+    from streamseg.store.reader import Store
+
+    cv2.setNumThreads(2)
+    for _ in range(3):  # the parent has used OpenCV's pool before the fork
+        cv2.warpAffine(np.zeros((512, 512, 3), np.uint8), np.eye(2, 3), (512, 512))
+    store = Store.from_arrays(np.zeros((2, 8, 8, 1), np.uint8), np.zeros((2, 8, 8), np.uint8))
+    inner = BatchProducer(store, BatchOptions(), sequential_opencv=sequential)
+    with BatchPool(H.ThreadsReporter(inner), H.THREADS_SLOTS, workers=1, use_processes=True,
+                   start_method="fork") as pool:
+        pool.submit("a", None)
+        threads, _, pid = pool.result("a", timeout=WAIT)["v"][0]
+    assert pid != os.getpid()
+    assert threads == (1 if sequential else 2)
+    assert cv2.getNumThreads() == 2

@@ -84,13 +84,17 @@ if hasattr(os, "register_at_fork"):
 class Producer(Protocol):
     """What the workers of a :class:`BatchPool` run (picklable for processes).
 
-    ``setup`` is optional, and so is ``describe(task) -> str``: called in the main process
-    only when a task fails or its worker dies, it says what the task was about (e.g. which
-    samples of which file), for the error message.
+    ``setup`` is optional, and so are ``setup_process`` and ``describe(task) -> str``: called
+    in the main process only when a task fails or its worker dies, it says what the task was
+    about (e.g. which samples of which file), for the error message.
     """
 
     def setup(self) -> None:
         """Prepare once in each worker, e.g. open files lazily."""
+
+    def setup_process(self) -> None:
+        """Process-wide settings, once in each worker *process* before ``setup`` (never for
+        thread workers: they share the caller's process), e.g. a library's thread count."""
 
     def produce(self, task: Any, out: dict[str, np.ndarray]) -> int:
         """Fill ``out[name][:n]`` for ``task`` and return ``n`` (at most the slot rows)."""

@@ -31,9 +31,18 @@ from .buffers import ALIGN_BYTES, aligned_empty  # lent slot arrays must be alig
 from ..errors import OptionError
 from .forkguard import FORK_GUARD
 
-PRIORITIES = ("normal", "low", "idle")
-"""Scheduling priorities of worker processes: ``"normal"`` (as the main process), ``"low"``
-(nice 19) and ``"idle"`` (Linux ``SCHED_IDLE``: runs only on a core nothing else wants)."""
+PRIORITIES = ("normal", "batch", "low", "idle")
+"""Scheduling priorities of worker processes: ``"normal"`` (as the main process), ``"batch"``
+(Linux ``SCHED_BATCH``: the same nice value, scheduled as a CPU-bound job that does not preempt
+others when it wakes), ``"low"`` (nice 19) and ``"idle"`` (Linux ``SCHED_IDLE``: runs only on a
+core nothing else wants)."""
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the platform has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def check_priority(priority: Any, processes: bool) -> str:
@@ -51,6 +60,9 @@ def check_priority(priority: Any, processes: bool) -> str:
     if priority == "idle" and not hasattr(os, "SCHED_IDLE"):
         raise OptionError("worker_priority='idle' needs Linux's SCHED_IDLE, which this platform lacks; "
                           f"use 'low' (nice 19). Received: worker_priority={priority!r}")
+    if priority == "batch" and not hasattr(os, "SCHED_BATCH"):
+        raise OptionError("worker_priority='batch' needs Linux's SCHED_BATCH, which this platform lacks; "
+                          f"use 'normal' or 'low' (nice 19). Received: worker_priority={priority!r}")
     return priority
 
 
@@ -62,11 +74,13 @@ def _apply_priority(priority: str) -> None:
             os.setpriority(os.PRIO_PROCESS, 0, 19)
         elif priority == "idle":
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        elif priority == "batch":
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     except (OSError, AttributeError) as exc:
         print(f"streamseg worker {os.getpid()}: could not set worker_priority={priority!r} "
               f"({type(exc).__name__}: {exc}); running at normal priority", file=sys.stderr)
 
-__all__ = ["Fields", "ProcessBackend", "ThreadBackend", "layout_slots", "pick_worker"]
+__all__ = ["Fields", "ProcessBackend", "ThreadBackend", "layout_slots", "pick_worker", "usable_cores"]
 
 _GRACE = 1.0  # seconds close() gives busy workers before terminating them
 Fields = dict  # name -> (shape, dtype, byte offset inside a slot)
@@ -133,6 +147,20 @@ def _produce(producer: Any, setup: _Once, out: dict[str, np.ndarray], rows: int,
         return ("error", ticket, (type(exc).__name__, str(exc), traceback.format_exc(), blob))
 
 
+def _process_setup(producer: Any) -> Any:
+    """A worker process's setup: the producer's ``setup_process()`` (process-wide settings,
+    never run for thread workers, which share the caller's process), then its ``setup()``."""
+    steps = [f for f in (getattr(producer, "setup_process", None), getattr(producer, "setup", None)) if f]
+    if not steps:
+        return None
+
+    def run() -> None:
+        for step in steps:
+            step()
+
+    return run
+
+
 def _fresh_fork_locks() -> None:
     """Give the resource tracker a fresh lock in a new worker process.
 
@@ -162,7 +190,7 @@ def _process_worker(producer: Any, shm_names: list[str], fields: Fields, rows: i
     parent, ppid = mp.parent_process(), os.getppid()
     shms = [shared_memory.SharedMemory(name=n) for n in shm_names]  # registers with the parent's tracker
     views = _views([shm.buf for shm in shms], fields)
-    setup = _Once(getattr(producer, "setup", None))
+    setup = _Once(_process_setup(producer))
     try:
         while not stop.value:
             try:

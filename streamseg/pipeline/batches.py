@@ -107,16 +107,30 @@ class BatchOptions:
 class BatchProducer:
     """Reads and augments batches; sent once to each worker (pickles as store path + options)."""
 
-    def __init__(self, store: Store, options: BatchOptions) -> None:
+    def __init__(self, store: Store, options: BatchOptions, sequential_opencv: bool = False) -> None:
         self.store = store
         self.options = options
+        self.sequential_opencv = sequential_opencv
+
+    def setup_process(self) -> None:
+        """Run once in each worker process: with ``sequential_opencv`` (the dataset sets it when
+        its worker processes fill the cores), OpenCV runs on the worker's own thread.
+
+        Left alone, each worker runs OpenCV's own pool (as many threads as cores): 2 workers on
+        2 cores made 4 busy threads, each preempted 1,300-2,000 times a second (about 250 with
+        one OpenCV thread).  ``setNumThreads(0)`` (sequential), not 1: OpenCV 5's
+        ``setNumThreads(1)`` joins the pool's threads, which a forked child does not have, and
+        waits forever.
+        """
+        if self.sequential_opencv:
+            import cv2
+
+            cv2.setNumThreads(0)
 
     def setup(self) -> None:
         """Run once in each worker: Blosc decodes with one thread (the workers fill the cores).
 
-        The store needs nothing here: it opens its files lazily in each process.  OpenCV's
-        thread count is left alone: ``cv2.setNumThreads`` deadlocks in a forked child whose
-        parent had used OpenCV's thread pool.
+        The store needs nothing here: it opens its files lazily in each process.
         """
         from numcodecs import blosc
 

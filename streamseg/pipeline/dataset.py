@@ -37,7 +37,7 @@ from .split import split
 from .transport import check_transport, normalization_layer
 from ..errors import LabelError, OptionError, StreamsegError, reject_unknown_keywords, truncate
 from ..parallel.feeder import Feeder
-from ..parallel.workers import check_priority
+from ..parallel.workers import check_priority, usable_cores
 from ..store.reader import Store, open_store
 
 try:  # Keras 3
@@ -122,9 +122,11 @@ class SegmentationDataset(HandoverMixin, PyDataset, KerasAdapterMixin, ResumeMix
         Multiprocessing start method (default: the platform's).
     keep_alive : float
         Seconds workers stay up after an epoch with no new request (default 5).
-    worker_priority : {"normal", "low", "idle"}
+    worker_priority : {"normal", "batch", "low", "idle"}
         Scheduling priority of the worker processes (``use_multiprocessing=True``):
-        ``"normal"`` (default) as the training loop; ``"low"``: nice 19; ``"idle"`` (Linux):
+        ``"normal"`` (default) as the training loop; ``"batch"`` (Linux): the same nice value
+        under ``SCHED_BATCH``, so a worker that wakes does not preempt the training loop;
+        ``"low"``: nice 19; ``"idle"`` (Linux):
         ``SCHED_IDLE``, the workers run only on a core that nothing else wants, so the training
         loop never waits for a core they hold.  With as many workers as cores, "idle" keeps the
         input stall near zero (benchmarks/RESULTS.md); on a machine other jobs keep busy it
@@ -281,7 +283,9 @@ class SegmentationDataset(HandoverMixin, PyDataset, KerasAdapterMixin, ResumeMix
             self.options.cache_chunks = self.window_chunks + 2
             affinity = functools.partial(window_group, batch_size=b, batch_ids=self._batch_ids,
                                          window_samples=self.window_chunks * self.store.chunk_samples)
-        self._feeder = Feeder(BatchProducer(self.store, self.options), slots, workers=int(workers),
+        producer = BatchProducer(self.store, self.options,
+                                 sequential_opencv=bool(mp_flag) and int(workers) >= usable_cores())
+        self._feeder = Feeder(producer, slots, workers=int(workers),
                               use_multiprocessing=bool(mp_flag), max_queue_size=int(queue),
                               start_method=o["start_method"], keep_alive=float(o["keep_alive"]),
                               on_close=weakref.WeakMethod(self._forget_carry), priority=priority,
