@@ -7,7 +7,11 @@ normalisation and mask encoding -- after ``setup()`` (Blosc on one thread) and w
 to one thread.  It runs in a fresh subprocess so that the thread setting does not reach the
 measured pipeline.  Then, in the same run, the full-speed rate: a ``SegmentationDataset`` with
 ``--workers`` worker processes, iterated for ``--batches`` batches after a warm-up (epoch after
-epoch, no model).  It prints::
+epoch, no model).  Floor and full speed alternate ``--rounds`` times (this machine is
+shared and noisy: each ratio is of two measurements next to each other in time), and each
+floor is the fastest of ``--passes`` passes over the same batches (noise only adds time: a
+single pass read anywhere from 0.61 to 0.83 ms per sample within one series); it prints,
+per round and as min / median / max::
 
     efficiency = rate / (cores x floor rate)
 
@@ -49,8 +53,9 @@ def make_dataset(store: str, augment: str | None, batch_size: int, workers: int,
 
 
 def floor(store: str, augment: str | None, batch_size: int, batches: int, seed: int = 0,
-          dtype: str = "float32") -> dict[str, Any]:
-    """Seconds per sample of BatchProducer.produce on one thread (read alone, and everything).
+          dtype: str = "float32", passes: int = 3) -> dict[str, Any]:
+    """Seconds per sample of BatchProducer.produce on one thread (read alone, and everything),
+    from the fastest of ``passes`` passes over the same ``batches`` batches.
 
     Sets OpenCV to one thread for good: call in a fresh process.
     """
@@ -70,18 +75,21 @@ def floor(store: str, augment: str | None, batch_size: int, batches: int, seed: 
     tasks = [(k // n, ds.batch_indices(k % n, k // n)) for k in range(batches)]
     for task in tasks[:2]:  # warm: files opened, page cache, first-call costs
         producer.produce(task, out)
-    t0 = time.perf_counter()
-    for task in tasks:
-        ds.store.read(task[1])
-    read_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for task in tasks:
-        producer.produce(task, out)
-    total_s = time.perf_counter() - t0
+    read_s, total_s = [], []
+    for _ in range(passes):  # noise only adds time: the fastest pass is the floor
+        t0 = time.perf_counter()
+        for task in tasks:
+            ds.store.read(task[1])
+        read_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for task in tasks:
+            producer.produce(task, out)
+        total_s.append(time.perf_counter() - t0)
     ds.close()
     samples = sum(len(t[1]) for t in tasks)
-    return {"samples": samples, "floor_s_per_sample": total_s / samples, "read_s_per_sample": read_s / samples,
-            "floor_samples_per_s": samples / total_s}
+    return {"samples": samples, "passes": passes, "floor_s_per_sample": min(total_s) / samples,
+            "read_s_per_sample": min(read_s) / samples, "floor_samples_per_s": samples / min(total_s),
+            "pass_s": total_s}
 
 
 def full_speed(store: str, augment: str | None, batch_size: int, workers: int, batches: int, warmup: int,
@@ -136,12 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cores", type=int, default=None, help="cores (default: this process's CPU affinity)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "uint8"], default="float32", help="batch image dtype")
+    p.add_argument("--rounds", type=int, default=3, help="floor / full-speed pairs, alternating")
+    p.add_argument("--passes", type=int, default=3, help="floor passes per round (the fastest counts)")
     p.add_argument("--out", default=None, help="also write the result as JSON here")
     p.add_argument("--floor-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     augment = None if args.augment == "none" else args.augment
     if args.floor_child:
-        print(json.dumps(floor(args.store, augment, args.batch_size, args.batches, args.seed, args.dtype)))
+        print(json.dumps(floor(args.store, augment, args.batch_size, args.batches, args.seed, args.dtype,
+                               args.passes)))
         return 0
     store = args.store
     if store is None:
@@ -149,25 +160,34 @@ def main(argv: list[str] | None = None) -> int:
 
         store = prepare_stores(args.data, args.count, args.size, formats=(args.backend,))[args.backend]
     cmd = [sys.executable, __file__, "--floor-child", "--store", store, "--augment", args.augment,
-           "--batches", str(args.batches), "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--dtype", args.dtype]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    if proc.returncode != 0:
-        print(proc.stderr[-3000:], file=sys.stderr)
-        return proc.returncode
-    fl = json.loads(proc.stdout.strip().splitlines()[-1])
-    rate = full_speed(store, augment, args.batch_size, args.workers, args.batches, args.warmup, args.seed,
-                      args.dtype)
+           "--batches", str(args.batches), "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--dtype", args.dtype,
+           "--passes", str(args.passes)]
     cores = args.cores or len(os.sched_getaffinity(0))
-    eff = rate["samples_per_s"] / (cores * fl["floor_samples_per_s"])
-    result = {"store": store, "augment": args.augment, "dtype": args.dtype, "batch_size": args.batch_size, "workers": args.workers,
-              "cores": cores, "floor": fl, "full_speed": rate, "efficiency": eff}
-    print(f"store {store} (augment={args.augment}, batch {args.batch_size})")
-    print(f"floor (1 thread, BatchProducer.produce): {fl['floor_samples_per_s']:.1f} samples/s "
-          f"({fl['floor_s_per_sample'] * 1e3:.2f} ms/sample, of which Store.read {fl['read_s_per_sample'] * 1e3:.2f})")
-    print(f"full speed ({args.workers} worker processes, {args.batches} batches): {rate['samples_per_s']:.1f} "
-          f"samples/s, CPU {rate['cpu_cores_busy']:.2f} cores busy")
-    print(f"cores {cores}: efficiency = rate / (cores x floor) = {rate['samples_per_s']:.1f} / "
-          f"({cores} x {fl['floor_samples_per_s']:.1f}) = {eff:.3f}")
+    print(f"store {store} (augment={args.augment}, batch {args.batch_size}, dtype {args.dtype}, cores {cores})")
+    rounds = []
+    for r in range(args.rounds):  # floor and full speed alternate: each ratio is of neighbours in time
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            return proc.returncode
+        fl = json.loads(proc.stdout.strip().splitlines()[-1])
+        rate = full_speed(store, augment, args.batch_size, args.workers, args.batches, args.warmup, args.seed,
+                          args.dtype)
+        eff = rate["samples_per_s"] / (cores * fl["floor_samples_per_s"])
+        rounds.append({"floor": fl, "full_speed": rate, "efficiency": eff})
+        print(f"round {r}: floor (1 thread, BatchProducer.produce) {fl['floor_samples_per_s']:.1f} samples/s "
+              f"({fl['floor_s_per_sample'] * 1e3:.3f} ms/sample, of which Store.read "
+              f"{fl['read_s_per_sample'] * 1e3:.3f}); full speed ({args.workers} worker processes, {args.batches} "
+              f"batches) {rate['samples_per_s']:.1f} samples/s, CPU {rate['cpu_cores_busy']:.2f} cores busy; "
+              f"efficiency = {rate['samples_per_s']:.1f} / ({cores} x {fl['floor_samples_per_s']:.1f}) = {eff:.3f}",
+              flush=True)
+    effs = sorted(r["efficiency"] for r in rounds)
+    summary = {"min": effs[0], "median": effs[len(effs) // 2] if len(effs) % 2 else
+               (effs[len(effs) // 2 - 1] + effs[len(effs) // 2]) / 2, "max": effs[-1]}
+    result = {"store": store, "augment": args.augment, "dtype": args.dtype, "batch_size": args.batch_size,
+              "workers": args.workers, "cores": cores, "rounds": rounds, "efficiency": summary}
+    print(f"efficiency over {len(rounds)} rounds, min / median / max: {summary['min']:.3f} / "
+          f"{summary['median']:.3f} / {summary['max']:.3f}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return 0

@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--augment", default="standard")
-    ap.add_argument("--worker-priority", default="normal", choices=["normal", "batch", "low", "idle"])
+    ap.add_argument("--worker-priority", default="normal", choices=["normal", "low", "idle"])
     ap.add_argument("--repeat", type=int, default=1, help="runs per share (each with its own floor)")
     ap.add_argument("--out", default="benchmarks/results/stall.json")
     args = ap.parse_args()

@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--augment", default="standard")
     p.add_argument("--dtype", choices=["float32", "uint8"], default="float32")
-    p.add_argument("--worker-priority", choices=["normal", "batch", "low", "idle"], default="normal")
+    p.add_argument("--worker-priority", choices=["normal", "low", "idle"], default="normal")
     p.add_argument("--out", default=None)
     p.add_argument("--plot", default=None)
     p.add_argument("--replot", default=None, help="redraw --plot from this --out JSON, measure nothing")

@@ -296,12 +296,12 @@ def test_keep_alive_stops_workers_and_drops_the_next_epochs_batch(labelled_store
     ds.close()
 
 
-@pytest.mark.parametrize("priority", ["batch", "low", "idle"])
+@pytest.mark.parametrize("priority", ["low", "idle"])
 def test_worker_priority_lowers_the_workers_only(labelled_store, priority):
     import os
 
-    if priority in ("idle", "batch") and not hasattr(os, f"SCHED_{priority.upper()}"):
-        pytest.skip(f"SCHED_{priority.upper()} is Linux-only")
+    if priority == "idle" and not hasattr(os, "SCHED_IDLE"):
+        pytest.skip("SCHED_IDLE is Linux-only")
     store, _ = labelled_store
     kw = dict(augment="heavy", num_classes=256, seed=5)
     reference = collect(SegmentationDataset(store, 8, workers=0, **kw))
@@ -313,9 +313,6 @@ def test_worker_priority_lowers_the_workers_only(labelled_store, priority):
         for pid in pids:
             if priority == "low":
                 assert os.getpriority(os.PRIO_PROCESS, pid) == 19
-            elif priority == "batch":  # same nice value, the batch policy
-                assert os.sched_getscheduler(pid) == os.SCHED_BATCH
-                assert os.getpriority(os.PRIO_PROCESS, pid) == main_nice
             else:
                 assert os.sched_getscheduler(pid) == os.SCHED_IDLE
     assert (os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0)) == (main_nice, main_policy)
@@ -342,7 +339,7 @@ def test_opencv_runs_sequentially_only_in_worker_processes_that_fill_the_cores()
 
 def test_worker_priority_is_validated():
     store = Store.from_arrays(np.zeros((4, 8, 8, 1), np.uint8), np.zeros((4, 8, 8), np.uint8))
-    with pytest.raises(OptionError, match="one of normal, batch, low, idle. Received: worker_priority='lowest'"):
+    with pytest.raises(OptionError, match="one of normal, low, idle. Received: worker_priority='lowest'"):
         SegmentationDataset(store, 2, workers=1, use_multiprocessing=True, worker_priority="lowest")
     with pytest.raises(OptionError, match="worker processes only .* use_multiprocessing=True"):
         SegmentationDataset(store, 2, workers=2, worker_priority="low")  # threads

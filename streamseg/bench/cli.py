@@ -21,7 +21,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment", default="standard", help="augmentation preset: none, light, standard, heavy")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", action="store_true", help="threads instead of processes")
-    p.add_argument("--worker-priority", default="normal", choices=["normal", "batch", "low", "idle"],
+    p.add_argument("--worker-priority", default="normal", choices=["normal", "low", "idle"],
                    help="scheduling priority of the worker processes (idle: Linux SCHED_IDLE, the "
                         "training loop never waits for a core a worker holds)")
     p.add_argument("--shuffle", default="window", choices=["window", "uniform", "none"])

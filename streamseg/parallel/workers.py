@@ -31,11 +31,9 @@ from .buffers import ALIGN_BYTES, aligned_empty  # lent slot arrays must be alig
 from ..errors import OptionError
 from .forkguard import FORK_GUARD
 
-PRIORITIES = ("normal", "batch", "low", "idle")
-"""Scheduling priorities of worker processes: ``"normal"`` (as the main process), ``"batch"``
-(Linux ``SCHED_BATCH``: the same nice value, scheduled as a CPU-bound job that does not preempt
-others when it wakes), ``"low"`` (nice 19) and ``"idle"`` (Linux ``SCHED_IDLE``: runs only on a
-core nothing else wants)."""
+PRIORITIES = ("normal", "low", "idle")
+"""Scheduling priorities of worker processes: ``"normal"`` (as the main process), ``"low"``
+(nice 19) and ``"idle"`` (Linux ``SCHED_IDLE``: runs only on a core nothing else wants)."""
 
 
 def usable_cores() -> int:
@@ -60,9 +58,6 @@ def check_priority(priority: Any, processes: bool) -> str:
     if priority == "idle" and not hasattr(os, "SCHED_IDLE"):
         raise OptionError("worker_priority='idle' needs Linux's SCHED_IDLE, which this platform lacks; "
                           f"use 'low' (nice 19). Received: worker_priority={priority!r}")
-    if priority == "batch" and not hasattr(os, "SCHED_BATCH"):
-        raise OptionError("worker_priority='batch' needs Linux's SCHED_BATCH, which this platform lacks; "
-                          f"use 'normal' or 'low' (nice 19). Received: worker_priority={priority!r}")
     return priority
 
 
@@ -74,8 +69,6 @@ def _apply_priority(priority: str) -> None:
             os.setpriority(os.PRIO_PROCESS, 0, 19)
         elif priority == "idle":
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        elif priority == "batch":
-            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     except (OSError, AttributeError) as exc:
         print(f"streamseg worker {os.getpid()}: could not set worker_priority={priority!r} "
               f"({type(exc).__name__}: {exc}); running at normal priority", file=sys.stderr)

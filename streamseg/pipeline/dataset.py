@@ -122,11 +122,9 @@ class SegmentationDataset(HandoverMixin, PyDataset, KerasAdapterMixin, ResumeMix
         Multiprocessing start method (default: the platform's).
     keep_alive : float
         Seconds workers stay up after an epoch with no new request (default 5).
-    worker_priority : {"normal", "batch", "low", "idle"}
+    worker_priority : {"normal", "low", "idle"}
         Scheduling priority of the worker processes (``use_multiprocessing=True``):
-        ``"normal"`` (default) as the training loop; ``"batch"`` (Linux): the same nice value
-        under ``SCHED_BATCH``, so a worker that wakes does not preempt the training loop;
-        ``"low"``: nice 19; ``"idle"`` (Linux):
+        ``"normal"`` (default) as the training loop; ``"low"``: nice 19; ``"idle"`` (Linux):
         ``SCHED_IDLE``, the workers run only on a core that nothing else wants, so the training
         loop never waits for a core they hold.  With as many workers as cores, "idle" keeps the
         input stall near zero (benchmarks/RESULTS.md); on a machine other jobs keep busy it
