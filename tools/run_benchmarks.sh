@@ -69,4 +69,19 @@ if want 7; then
         $mode --json $R/capacity${mode:+_threads}.json
   done
 fi
+if want 13; then
+  say "13. issue 14: peers, efficiency, zarr vs memmap, stall timeline"
+  python benchmarks/compare.py --count 2048 --workers 2 --step-ms 0 --steps 90 --warmup 6 --rounds 3 \
+      --pipelines tfdata_map_batch_memmap tfdata_map_sample_memmap streamseg_zarr streamseg_memmap \
+      streamseg_zarr_uint8 streamseg_memmap_uint8 --out $R/compare_issue14_n2048.json
+  for backend in memmap zarr; do for dtype in float32 uint8; do
+    python benchmarks/efficiency.py --backend $backend --workers 2 --batches 96 --rounds 3 --passes 3 \
+        --dtype $dtype --out $R/efficiency_${backend}_${dtype}.json
+  done; done
+  python benchmarks/backends_ab.py --count 512 --rounds 5 --batches 96 --out $R/backends_ab_float32.json
+  for r in 0 1 2; do for backend in memmap zarr; do
+    python benchmarks/timeline.py --backend $backend --count 2048 --epochs 3 --share 0.8 \
+        --out $R/timeline_${backend}_normal_r$r.json --plot $R/timeline_${backend}_normal_r$r.png
+  done; done
+fi
 say "done; copy the figures into benchmarks/RESULTS.md"

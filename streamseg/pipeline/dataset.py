@@ -115,7 +115,8 @@ class SegmentationDataset(HandoverMixin, PyDataset, KerasAdapterMixin, ResumeMix
         Worker processes (or threads) producing batches ahead of the training loop; 0 makes
         batches in the calling thread.
     use_multiprocessing : bool
-        Processes with shared-memory handover instead of threads.
+        Processes with shared-memory handover instead of threads.  When there are at least as
+        many worker processes as usable cores, each runs OpenCV on its own thread only.
     max_queue_size : int
         Batches produced ahead (at most ``2 * workers``).
     start_method : {"fork", "forkserver", "spawn"} or None
