@@ -84,7 +84,7 @@ if hasattr(os, "register_at_fork"):
 class Producer(Protocol):
     """What the workers of a :class:`BatchPool` run (picklable for processes).
 
-    ``setup`` is optional, and so are ``setup_process`` and ``describe(task) -> str``: called
+    ``setup`` and ``setup_process`` are optional, and so is ``describe(task) -> str``: called
     in the main process only when a task fails or its worker dies, it says what the task was
     about (e.g. which samples of which file), for the error message.
     """
