@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -181,9 +182,8 @@ def main(argv: list[str] | None = None) -> int:
               f"batches) {rate['samples_per_s']:.1f} samples/s, CPU {rate['cpu_cores_busy']:.2f} cores busy; "
               f"efficiency = {rate['samples_per_s']:.1f} / ({cores} x {fl['floor_samples_per_s']:.1f}) = {eff:.3f}",
               flush=True)
-    effs = sorted(r["efficiency"] for r in rounds)
-    summary = {"min": effs[0], "median": effs[len(effs) // 2] if len(effs) % 2 else
-               (effs[len(effs) // 2 - 1] + effs[len(effs) // 2]) / 2, "max": effs[-1]}
+    effs = [r["efficiency"] for r in rounds]
+    summary = {"min": min(effs), "median": statistics.median(effs), "max": max(effs)}
     result = {"store": store, "augment": args.augment, "dtype": args.dtype, "batch_size": args.batch_size,
               "workers": args.workers, "cores": cores, "rounds": rounds, "efficiency": summary}
     print(f"efficiency over {len(rounds)} rounds, min / median / max: {summary['min']:.3f} / "
