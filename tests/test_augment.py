@@ -273,7 +273,7 @@ def test_shapes_and_dtypes(c, dtype):
             assert out.min() >= 0 and out.max() <= top
 
 
-@pytest.mark.parametrize("c", [5, 6, 7, 9])
+@pytest.mark.parametrize("c", [3, 5, 6, 7, 9, 11])
 @pytest.mark.parametrize("elastic", [0.0, 1.0])
 def test_many_channels_warp_like_single_channels(c, elastic):
     image, mask = pair(25, 31, c)
@@ -284,6 +284,21 @@ def test_many_channels_warp_like_single_channels(c, elastic):
         single, smask = aug.apply(image[..., i], mask, p)
         assert np.array_equal(out[..., i], single)
         assert np.array_equal(omask, smask)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), fill=st.integers(0, 255), elastic=st.booleans(),
+       size=st.tuples(st.integers(8, 70), st.integers(8, 70)))
+def test_three_channel_uint8_warp_equals_each_channel_alone(seed, fill, elastic, size):
+    # 3-channel uint8 images take OpenCV's 4-channel path (padded): the values must not change
+    h, w = size
+    image, mask = pair(h, w, 3, seed=seed % 1000)
+    aug = geometric_heavy(elastic=1.0 if elastic else 0.0, fill_value=float(fill))
+    p = aug.sample(rng(seed), (h, w))
+    out, _ = aug.apply(image, mask, p)
+    for i in range(3):
+        single, _ = aug.apply(np.ascontiguousarray(image[..., i]), mask, p)
+        assert np.array_equal(out[..., i], single)
 
 
 def test_non_contiguous_and_float64_inputs():

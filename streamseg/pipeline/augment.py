@@ -115,6 +115,19 @@ def _groups(fn: Any, arr: np.ndarray) -> np.ndarray:
     return np.concatenate(parts, axis=2)
 
 
+def _four_channel(op: Any, a: np.ndarray, interp: int, fill: tuple) -> np.ndarray:
+    """``op(a, interp, fill)``; a 3-channel uint8 ``a`` goes through OpenCV's 4-channel path.
+
+    OpenCV's warps vectorise 1- and 4-channel images better than 3-channel ones: padding to
+    RGBA, warping and dropping the pad gives the same values (checked for warpAffine and remap,
+    nearest/linear/cubic) and took 0.16 instead of 0.28 ms per 256x256x3 image of the
+    'standard' augmentation on one thread here (cold images; ~15% on one image kept in cache).
+    """
+    if a.ndim == 3 and a.shape[2] == 3 and a.dtype == np.uint8:
+        return cv2.cvtColor(op(cv2.cvtColor(a, cv2.COLOR_RGB2RGBA), interp, fill), cv2.COLOR_RGBA2RGB)
+    return op(a, interp, fill)
+
+
 def _mask_work_dtype(mask: np.ndarray) -> np.dtype | None:
     """Smallest dtype OpenCV can warp that holds every label exactly (None = as is)."""
     if mask.dtype == np.uint8:
@@ -406,7 +419,7 @@ class Augment:
 
             def op(a: np.ndarray, interp: int, fill: tuple) -> np.ndarray:
                 return cv2.remap(a, mx, my, interp, borderMode=cv2.BORDER_CONSTANT, borderValue=fill)
-        img = _groups(lambda a: op(a, cv2.INTER_LINEAR, (self.fill_value,) * 4), img)
+        img = _groups(lambda a: _four_channel(op, a, cv2.INTER_LINEAR, (self.fill_value,) * 4), img)
         m = _groups(lambda a: op(a, cv2.INTER_NEAREST, (self.fill_label,) * 4), m)
         if out_dtype == np.bool_:
             return img, m != 0
