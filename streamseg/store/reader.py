@@ -331,6 +331,10 @@ class Store:
                 pending = verifier is not None and verifier.needs_check(name, f"{self.path}{os.sep}{name}.npy", idx)
                 # copied in groups small enough to stay in cache between the copy out of the map,
                 # the check of the bytes handed out and the store (2x faster than one gather)
+                if not pending:  # one copy per sample, straight from the map
+                    for i, o in zip(sorted_idx.tolist(), order.tolist()):
+                        out[o] = src[i]
+                    continue
                 step = max(1, _GROUP_BYTES // max(1, out[:1].nbytes))
                 for a in range(0, idx.size, step):
                     part = src[sorted_idx[a : a + step]]
@@ -354,8 +358,9 @@ class Store:
                 chunk = self.chunk_reader(name).read_chunk(k, reuse=True, check=check)
                 if contiguous:  # one memcpy, no temporary
                     out[pos[0] : pos[0] + run] = chunk[local[0] : local[0] + run].reshape((run,) + out.shape[1:])
-                else:
-                    out[pos] = chunk[local].reshape((run,) + out.shape[1:])
+                else:  # one copy per sample: a fancy-index gather copies twice (via a temporary)
+                    for p, q in zip(pos.tolist(), local.tolist()):
+                        out[p] = chunk[q].reshape(out.shape[1:])
 
     def _read_arrays(self, idx: np.ndarray, images: np.ndarray, masks: np.ndarray) -> None:
         src_i, src_m = self._arrays  # type: ignore[misc]
