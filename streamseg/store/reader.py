@@ -329,12 +329,12 @@ class Store:
             for name, out in (("images", images), ("masks", masks)):
                 src = self._array(name)
                 pending = verifier is not None and verifier.needs_check(name, f"{self.path}{os.sep}{name}.npy", idx)
-                # copied in groups small enough to stay in cache between the copy out of the map,
-                # the check of the bytes handed out and the store (2x faster than one gather)
-                if not pending:  # one copy per sample, straight from the map
+                if not pending:  # checked already: one copy per sample, straight from the map
                     for i, o in zip(sorted_idx.tolist(), order.tolist()):
                         out[o] = src[i]
                     continue
+                # copied in groups small enough to stay in cache between the copy out of the map,
+                # the check of the bytes handed out and the store (2x faster than one gather)
                 step = max(1, _GROUP_BYTES // max(1, out[:1].nbytes))
                 for a in range(0, idx.size, step):
                     part = src[sorted_idx[a : a + step]]
