@@ -28,7 +28,7 @@ _ORDER_SALT = 0x5EED_0001
 
 
 def epoch_order(indices: np.ndarray, *, seed: int, epoch: int, mode: str, chunk_samples: int,
-                window_chunks: int) -> np.ndarray:
+                window_chunks: int, window_samples: int | None = None) -> np.ndarray:
     """Sample order of one epoch: a pure function of ``(seed, epoch)``.
 
     Parameters
@@ -39,10 +39,14 @@ def epoch_order(indices: np.ndarray, *, seed: int, epoch: int, mode: str, chunk_
         Randomness comes from ``numpy.random.default_rng([seed, epoch, salt])``.
     mode : {"window", "uniform", "none"}
         ``"uniform"``: a uniform permutation.  ``"window"``: chunks in random order, samples
-        shuffled within windows of ``window_chunks`` consecutive chunks (like FFCV's
-        quasi-random order), so a batch touches few chunks.  ``"none"``: as given.
+        shuffled within windows (like FFCV's quasi-random order), so a batch touches few
+        chunks.  ``"none"``: as given.
     chunk_samples, window_chunks : int
         Chunk size of the store and window width in chunks.
+    window_samples : int, optional
+        Window width in samples instead (a multiple of the batch size, so that no batch
+        straddles two windows): the samples, chunk after chunk in the random chunk order, are
+        cut every ``window_samples``; a chunk at a cut lends samples to both windows.
     """
     if mode == "none":
         return indices
@@ -53,8 +57,12 @@ def epoch_order(indices: np.ndarray, *, seed: int, epoch: int, mode: str, chunk_
     chunks, inverse = np.unique(chunk_of, return_inverse=True)
     chunk_rank = np.empty(chunks.size, np.int64)
     chunk_rank[rng.permutation(chunks.size)] = np.arange(chunks.size)
-    window = chunk_rank[inverse] // max(1, window_chunks)
     jitter = rng.random(indices.size)
+    if window_samples is None:
+        window = chunk_rank[inverse] // max(1, window_chunks)
+    else:
+        window = np.empty(indices.size, np.int64)
+        window[np.lexsort((jitter, chunk_rank[inverse]))] = np.arange(indices.size) // max(1, window_samples)
     return indices[np.lexsort((jitter, window))]
 
 

@@ -70,7 +70,7 @@ class SegmentationDataset(HandoverMixin, PyDataset, KerasAdapterMixin, ResumeMix
         Subset of samples (e.g. from :func:`split`); default all.
     shuffle : {"window", "uniform", "none"} or bool
         Per-epoch order.  True means ``"window"``: chunks in random order and samples mixed
-        within windows of ``window_chunks`` chunks, so a batch reads few chunks.
+        within windows of whole batches (``window_chunks``), so a batch reads few chunks.
         ``"uniform"`` is a true uniform shuffle (slower on zarr: every batch touches
         ~batch_size chunks).  False / ``"none"`` keeps the given order.
     seed : int
@@ -110,7 +110,9 @@ class SegmentationDataset(HandoverMixin, PyDataset, KerasAdapterMixin, ResumeMix
     shard : (index, count), optional
         Read only every ``count``-th batch starting at ``index`` (disjoint shards).
     window_chunks : int, optional
-        Window width for ``shuffle="window"`` (default: enough chunks for two batches).
+        Window width for ``shuffle="window"`` in chunks (default: two batches).  Windows hold a
+        whole number of batches (the width is rounded up to one), so no batch draws from two
+        windows.
     workers : int
         Worker processes (or threads) producing batches ahead of the training loop; 0 makes
         batches in the calling thread.
@@ -221,7 +223,17 @@ class SegmentationDataset(HandoverMixin, PyDataset, KerasAdapterMixin, ResumeMix
             raise OptionError(f"shard must be (index, count) with 0 <= index < count. Received: shard={truncate(shard)}")
         self.shard = tuple(shard) if shard is not None else None
         cs = self.store.chunk_samples
-        self.window_chunks = int(o["window_chunks"] or max(1, -(-2 * self.batch_size_value // cs)))
+        b = self.batch_size_value
+        if o["window_chunks"] is not None and (isinstance(o["window_chunks"], bool)
+                                               or not isinstance(o["window_chunks"], (int, np.integer))
+                                               or o["window_chunks"] < 1):
+            raise OptionError(f"window_chunks must be a positive integer. Received: window_chunks={truncate(o['window_chunks'])}")
+        # windows of whole batches (two by default, else window_chunks' samples rounded up):
+        # no batch straddles two windows, so the batches of a window read its chunks alone
+        # and one worker decodes them (straddling batches made 2 workers decode ~2.2x per epoch)
+        wc = o["window_chunks"]
+        self.window_samples = 2 * b if wc is None else -(-int(wc) * cs // b) * b
+        self.window_chunks = int(wc) if wc is not None else max(1, -(-self.window_samples // cs))
         full = self.indices.size // self.batch_size_value
         total = full if self.drop_remainder else -(-self.indices.size // self.batch_size_value)
         if total == 0:
@@ -279,9 +291,10 @@ class SegmentationDataset(HandoverMixin, PyDataset, KerasAdapterMixin, ResumeMix
         slots = {"images": self.options.image_spec(b, h, w, c), "masks": self.options.mask_spec(b, h, w)}
         affinity = None
         if self.shuffle_mode == "window" and self.store.backend == "zarr":  # decode each chunk ~once
-            self.options.cache_chunks = self.window_chunks + 2
+            # a window spans ceil(W / chunk) chunks, one more where it starts inside a chunk
+            self.options.cache_chunks = -(-self.window_samples // self.store.chunk_samples) + 2
             affinity = functools.partial(window_group, batch_size=b, batch_ids=self._batch_ids,
-                                         window_samples=self.window_chunks * self.store.chunk_samples)
+                                         window_samples=self.window_samples)
         producer = BatchProducer(self.store, self.options,
                                  sequential_opencv=bool(mp_flag) and int(workers) >= usable_cores())
         self._feeder = Feeder(producer, slots, workers=int(workers),
@@ -324,7 +337,8 @@ class SegmentationDataset(HandoverMixin, PyDataset, KerasAdapterMixin, ResumeMix
         order = self._orders.get(epoch)
         if order is None:  # threads may race here: each returns its own result, never a cleared key
             order = epoch_order(self.indices, seed=self.seed, epoch=epoch, mode=self.shuffle_mode,
-                                chunk_samples=self.store.chunk_samples, window_chunks=self.window_chunks)
+                                chunk_samples=self.store.chunk_samples, window_chunks=self.window_chunks,
+                                window_samples=self.window_samples)
             if len(self._orders) > 4:
                 self._orders.clear()
             self._orders[epoch] = order
