@@ -157,7 +157,7 @@ class ResumeMixin:
             "batch_size": int(self.batch_size_value), "batches": len(self),
             "samples": int(self.indices.size), "shuffle": self.shuffle_mode,
             "window_chunks": int(self.window_chunks),
-            "window_samples": int(getattr(self, "window_samples", 0) or 0) if self.shuffle_mode == "window" else None,
+            "window_samples": int(self.window_samples) if self.shuffle_mode == "window" else None,
             "drop_remainder": bool(self.drop_remainder),
             "shard": list(self.shard) if self.shard is not None else None,
             "mask_mode": o.mask_mode, "num_classes": int(o.num_classes), "normalize": o.normalize,
