@@ -224,14 +224,12 @@ class SegmentationDataset(HandoverMixin, PyDataset, KerasAdapterMixin, ResumeMix
         self.shard = tuple(shard) if shard is not None else None
         cs = self.store.chunk_samples
         b = self.batch_size_value
-        if o["window_chunks"] is not None and (isinstance(o["window_chunks"], bool)
-                                               or not isinstance(o["window_chunks"], (int, np.integer))
-                                               or o["window_chunks"] < 1):
-            raise OptionError(f"window_chunks must be a positive integer. Received: window_chunks={truncate(o['window_chunks'])}")
+        wc = o["window_chunks"]
+        if wc is not None and (isinstance(wc, bool) or not isinstance(wc, (int, np.integer)) or wc < 1):
+            raise OptionError(f"window_chunks must be a positive integer. Received: window_chunks={truncate(wc)}")
         # windows of whole batches (two by default, else window_chunks' samples rounded up):
         # no batch straddles two windows, so the batches of a window read its chunks alone
         # and one worker decodes them (straddling batches made 2 workers decode ~2.2x per epoch)
-        wc = o["window_chunks"]
         self.window_samples = 2 * b if wc is None else -(-int(wc) * cs // b) * b
         self.window_chunks = int(wc) if wc is not None else max(1, -(-self.window_samples // cs))
         full = self.indices.size // self.batch_size_value
