@@ -345,3 +345,40 @@ def test_keep_alive_expiring_mid_pass_restarts_the_workers(synth_store):
     got += [mask.copy() for _, mask in gen]
     assert len(got) == len(ds) and all(np.array_equal(g, e) for g, e in zip(got, expected))
     ds.close()
+
+
+def test_fit_lends_every_batch_from_its_slot(synth_store, monkeypatch):
+    """Under fit with a consumer slower than the workers every batch is lent in place: the
+    batches TensorFlow keeps alive at once (step, prefetch buffer, hand-over) fit in LEND, so
+    none is copied out of its slot in the gap before a step."""
+    import keras
+    import tensorflow as tf
+
+    from streamseg.parallel.pool import BatchPool
+
+    copies = []
+    original = BatchPool._copy
+
+    def counting_copy(self, entry):
+        copies.append(entry.key)
+        return original(self, entry)
+
+    monkeypatch.setattr(BatchPool, "_copy", counting_copy)
+
+    def compute(x):
+        time.sleep(0.01)  # a consumer slower than the workers: everything ahead fills up
+        return np.float32(0.0)
+
+    class Slow(keras.Model):
+        def call(self, inputs):
+            return inputs
+
+        def train_step(self, data):
+            return {"loss": tf.numpy_function(compute, [tf.reshape(data[0], [-1])[:1]], tf.float32)}
+
+    model = Slow()
+    model.compile()
+    with SegmentationDataset(synth_store, 4, augment="light", workers=2, use_multiprocessing=True) as ds:
+        history = model.fit(ds, epochs=2, verbose=0, callbacks=[ds.epoch_callback()])
+    assert len(history.history["loss"]) == 2
+    assert copies == []

@@ -71,11 +71,14 @@ class Feeder:
         ``affinity(key) -> group`` for :class:`~streamseg.parallel.pool.BatchPool`.
     """
 
-    LEND = 4
-    """Batches handed out in place (no copy out of their slot) at once: under ``fit``, the one
-    the model works on, the one in tf.data's prefetch buffer, the one being handed to tf.data
-    and the one the hand-over thread holds; more are copied (~6 ms for a 32x256x256x3 batch:
-    with 3, 14 of 125 batches of a fit were copied).  Each costs one more slot of shared memory."""
+    LEND = 6
+    """Batches handed out in place (no copy out of their slot) at once.  Under ``fit`` up to 5
+    are alive together: the one the model works on, the previous step's until TensorFlow lets
+    it go, the one in tf.data's prefetch buffer, the one being handed to tf.data and the one the
+    hand-over thread holds (counted at every lend, RESULTS.md 13h); one more is a margin.  More
+    are copied (6-15 ms for a 32x256x256x3 float32 batch, once 120 ms, in the gap before a
+    step: with 4, 18-22 of 192 batches of a timeline run were copied).  Each costs one more slot
+    of shared memory."""
 
     def __init__(self, producer: Any, slots: dict[str, tuple[tuple[int, ...], np.dtype]], *,
                  workers: int, use_multiprocessing: bool, max_queue_size: int,
