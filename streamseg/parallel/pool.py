@@ -353,7 +353,7 @@ class BatchPool:
             entry = self._backlog.popleft()
             entry.slot, entry.state = self._free.pop(), "queued"
             self._tickets[entry.ticket] = entry
-            self._backend.send(entry.ticket, entry.slot, entry.task, entry.group)
+            entry.worker = self._backend.send(entry.ticket, entry.slot, entry.task, entry.group)
             entry.task = None
 
     def _release(self, entry: _Entry) -> None:
@@ -402,21 +402,17 @@ class BatchPool:
         """Handle worker messages arriving within ``timeout``; close the pool if one died."""
         msgs, dead = self._backend.collect(timeout, want)
         for worker, (kind, ticket, value) in msgs:
-            entry = self._tickets.get(ticket)
+            entry = self._tickets.pop(ticket, None)
             if entry is None:
                 continue
-            if kind == "start":
-                entry.worker = worker
-                continue
-            del self._tickets[ticket]
             entry.state, entry.n, entry.error = ("done", value, None) if kind == "done" else \
                 ("failed", 0, value)
             if entry.discarded or kind != "done":
                 self._release(entry)  # failed results need no slot
         if dead is not None:
-            busy = [e for e in self._pending.values() if e.state == "queued" and e.worker == dead[0]]
-            doing = ("while producing " + "; ".join(f"key {e.key!r}{self._about(e)}" for e in busy)
-                     if busy else "while idle")
+            # a worker runs its tasks in the order sent: the oldest one not reported was in hand
+            mine = sorted((e for e in self._tickets.values() if e.worker == dead[0]), key=lambda e: e.ticket)
+            doing = f"while producing key {mine[0].key!r}{self._about(mine[0])}" if mine else "while idle"
             self._broken = (f"{dead[1]} {doing}; pending keys: {list(self._pending)!r}. "
                             f"The pool has been closed; create a new one.")
             self._backend.shutdown(grace=0.0)  # the pool is unusable: do not wait for busy ones

@@ -14,6 +14,7 @@ import pickle
 import queue
 import re
 import secrets
+import select
 import signal
 import sys
 import threading
@@ -22,7 +23,6 @@ import traceback
 import weakref
 from contextlib import nullcontext, suppress
 from multiprocessing import shared_memory
-from multiprocessing.connection import wait as _wait
 from typing import Any, Mapping
 
 import numpy as np
@@ -172,7 +172,8 @@ def _fresh_fork_locks() -> None:
 
 def _process_worker(producer: Any, shm_names: list[str], fields: Fields, rows: int, tasks: Any,
                     stop: Any, conn: Any, poll: float, priority: str = "normal") -> None:
-    """Main loop of a worker process: take a task, fill its slot, send ``(ticket, n)``."""
+    """Main loop of a worker process: take a task from the ``tasks`` pipe, fill its slot, send
+    ``("done", ticket, n)`` (one message per task: each wakes the main process)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process' business
     # What a forked worker inherited stays out of the garbage collector: a full collection
     # would write into every inherited object and copy its pages (measured: +70 MiB per
@@ -186,16 +187,14 @@ def _process_worker(producer: Any, shm_names: list[str], fields: Fields, rows: i
     setup = _Once(_process_setup(producer))
     try:
         while not stop.value:
-            try:
-                item = tasks.get(timeout=poll)
-            except queue.Empty:
+            if not tasks.poll(poll):
                 if os.getppid() != ppid or (parent is not None and not parent.is_alive()):
                     break  # orphaned: the main process is gone
                 continue
+            item = tasks.recv()
             if item is None or stop.value:
                 break
             ticket, slot, payload = item
-            conn.send(("start", ticket, None))
             conn.send(_produce(producer, setup, views[slot], rows, ticket,
                                lambda: pickle.loads(payload)))
     except (OSError, EOFError):  # pipe or queue broken: the main process is gone
@@ -213,7 +212,6 @@ def _thread_worker(producer: Any, setup: _Once, views: list, rows: int,
     """Main loop of a worker thread."""
     while (item := tasks.get()) is not None:
         ticket, slot, task = item
-        results.put(("start", ticket, None))
         with FORK_GUARD.producing():  # no fork of another pool's workers meanwhile
             msg = _produce(producer, setup, views[slot], rows, ticket, lambda: task)
         results.put(msg)
@@ -258,9 +256,11 @@ class ProcessBackend:
         ctx = mp.get_context(start_method)
         self.owner, self.closed, self.procs, self.conns = os.getpid(), False, [], []
         self.holds: weakref.WeakSet = weakref.WeakSet()  # of _SlotHold: lent slots in use
-        # one task queue per worker: batches of one group (the window of chunks they read) go to
-        # the same worker while it is not behind, so its decoded-chunk cache serves them
-        self.tasks = [ctx.Queue() for _ in range(max(1, workers))]
+        # one task pipe per worker: batches of one group (the window of chunks they read) go to
+        # the same worker while it is not behind, so its decoded-chunk cache serves them.  A
+        # pipe, not a multiprocessing.Queue: a Queue wakes its feeder thread in this process and
+        # pickles once more for every task
+        self.tasks: list[Any] = []
         self.stop = ctx.RawValue("b", 0)
         self.outstanding = [0] * max(1, workers)  # tasks sent to each worker and not reported
         self._groups: dict[Any, int] = {}  # recent group -> worker
@@ -300,36 +300,50 @@ class ProcessBackend:
         """Start the worker processes (under fork: with no producer call running here)."""
         for i in range(workers):
             reader, writer = ctx.Pipe(duplex=False)
+            task_reader, task_writer = ctx.Pipe(duplex=False)
             self.procs.append(ctx.Process(
                 target=_process_worker, name=f"{name}-worker-{i}", daemon=True,
-                args=(producer, [shm.name for shm in self.shms], fields, rows, self.tasks[i],
+                args=(producer, [shm.name for shm in self.shms], fields, rows, task_reader,
                       self.stop, writer, poll, priority)))
             self.conns.append(reader)
+            self.tasks.append(task_writer)
             try:
                 self.procs[-1].start()
             finally:
                 writer.close()  # keep only the child's end, so its death reads as EOF
+                task_reader.close()
+        self._poller = select.poll()  # built once: multiprocessing's wait() builds a selector per call
+        self._fds = {conn.fileno(): i for i, conn in enumerate(self.conns)}
+        for fd in self._fds:
+            self._poller.register(fd, select.POLLIN)
+        for proc in self.procs:
+            self._poller.register(proc.sentinel, select.POLLIN)
 
-    def send(self, ticket: int, slot: int, payload: bytes, group: Any = None) -> None:
+    def send(self, ticket: int, slot: int, payload: bytes, group: Any = None) -> int:
         """Queue a task on the worker of its ``group`` (if that one is not behind), else on the
-        least loaded worker."""
+        least loaded worker; return that worker's number (it runs its tasks in order)."""
         worker = pick_worker(self.outstanding, self._groups, group)
         self.outstanding[worker] += 1
-        self.tasks[worker].put((ticket, slot, payload))
+        # a few hundred bytes, at most one per slot in flight: never fills the pipe's buffer
+        with suppress(OSError):  # the worker died: collect() reports it
+            self.tasks[worker].send((ticket, slot, payload))
+        return worker
 
     def collect(self, timeout: float, want: int | None) -> tuple[list, tuple | None]:
         """Wait up to ``timeout``; return ([(worker, message)], (dead worker, text) or None)."""
-        _wait(self.conns + [p.sentinel for p in self.procs], timeout)
         msgs, dead = [], []
-        for i, conn in enumerate(self.conns):
-            try:
-                while conn.poll():
-                    msg = conn.recv()
-                    if msg[0] != "start":
-                        self.outstanding[i] = max(0, self.outstanding[i] - 1)
-                    msgs.append((i, msg))
-            except (EOFError, OSError):
-                dead.append(i)
+        events = self._poller.poll(max(0, int(timeout * 1000 + 0.999)))
+        while events:
+            for fd, _ in events:
+                i = self._fds.get(fd)
+                if i is None or i in dead:
+                    continue  # a sentinel: the exit codes below tell
+                try:
+                    msgs.append((i, self.conns[i].recv()))
+                    self.outstanding[i] = max(0, self.outstanding[i] - 1)
+                except (EOFError, OSError):
+                    dead.append(i)
+            events = [e for e in self._poller.poll(0) if e[0] in self._fds and self._fds[e[0]] not in dead]
         dead += [i for i, proc in enumerate(self.procs) if proc.exitcode is not None]
         if not dead:
             return msgs, None
@@ -355,7 +369,6 @@ class ProcessBackend:
         for conn in self.conns:
             conn.close()
         for tasks in self.tasks:
-            tasks.cancel_join_thread()  # never block exit on undelivered tasks
             tasks.close()
         self.views = None
         held = {id(hold.shm) for hold in list(self.holds)}
