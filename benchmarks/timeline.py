@@ -24,7 +24,15 @@ of the time the loop waits for its input beyond what the loop itself takes, wher
 time is compute plus the floor run's median gap per step within an epoch and its smallest
 gap at an epoch boundary, so that one slow step of the floor run does not hide a stall;
 ``stall_vs_floor_wall = 1 - floor_wall / wall`` is ``streamseg bench``'s plain ratio.  Gaps are split
-into those at epoch boundaries and the others.  Needs matplotlib for ``--plot`` (``pip install -e ".[bench]"``).
+into those at epoch boundaries and the others, and every gap's excess over the floor's median
+gap into ``excess_by_cause``: ``late`` while the step's batch was still being produced (its
+worker span ended after the gap began), ``delivery`` when it was ready in its slot and the main
+process had not handed it over yet.  ``main_cpu_ms_per_step`` is the main process's CPU time
+(all threads: Keras, TensorFlow, the hand-over) per step, for the run and the floor.  With
+``--beside-load`` the floor loop runs once more beside as many CPU-burning processes as
+workers, each busy the share of the time the workers were (random periods of 10-30 ms): ``floor_beside_load.stall``,
+by the same formula against the quiet floor, is what contention for the cores alone costs a
+loop with no input to wait for.  Needs matplotlib for ``--plot`` (``pip install -e ".[bench]"``).
 """
 
 from __future__ import annotations
@@ -104,9 +112,15 @@ def floor_run(store: str, *, step_s: float, epochs: int, batch_size: int, dtype:
     cached = tf.data.Dataset.from_tensors((x, y)).repeat(n)
     steps: list[tuple[float, float]] = []
     model = _model(step_s, steps)
-    t0 = time.monotonic()
+    c0, t0 = _cpu(), time.monotonic()
     model.fit(cached, epochs=epochs, verbose=0)
-    return {"t0": t0, "t1": time.monotonic(), "steps": steps, "busy": {}, "batches_per_epoch": n}
+    return {"t0": t0, "t1": time.monotonic(), "steps": steps, "busy": {}, "batches_per_epoch": n,
+            "main_cpu_ms_per_step": 1e3 * (_cpu() - c0) / (epochs * n)}
+
+
+def _cpu() -> float:
+    """CPU seconds of this process (all its threads, not its children)."""
+    return sum(os.times()[:2])
 
 
 def run(store: str, *, workers: int, step_s: float, epochs: int, batch_size: int, augment: str,
@@ -121,15 +135,20 @@ def run(store: str, *, workers: int, step_s: float, epochs: int, batch_size: int
         ds._feeder.producer = TimedProducer(ds._feeder.producer, folder)
         steps: list[tuple[float, float]] = []
         model = _model(step_s, steps)
-        t0 = time.monotonic()
+        c0, t0 = _cpu(), time.monotonic()
         model.fit(ds, epochs=epochs, verbose=0, callbacks=[ds.epoch_callback()])
-        t1 = time.monotonic()
+        t1, c1 = time.monotonic(), _cpu()
         ds.close()
+        # which batch of its epoch each span made (by its first sample): step k of the fit takes
+        # batch k % n of epoch k // n
+        first = {(e, int(ds.batch_indices(i, e)[0])): i for e in range(epochs) for i in range(len(ds))}
         busy = {}
         for i, path in enumerate(sorted(Path(folder).glob("w*.txt"))):
             rows = [line.split() for line in path.read_text().splitlines()]
-            busy[f"worker {i + 1}"] = [(float(a), float(b), int(e)) for a, b, e, _ in rows]
-    return {"t0": t0, "t1": t1, "steps": steps, "busy": busy, "batches_per_epoch": len(ds)}
+            busy[f"worker {i + 1}"] = [(float(a), float(b), int(e), first.get((int(e), int(f)), -1))
+                                       for a, b, e, f in rows]
+    return {"t0": t0, "t1": t1, "steps": steps, "busy": busy, "batches_per_epoch": len(ds),
+            "main_cpu_ms_per_step": 1e3 * (c1 - c0) / (epochs * len(ds))}
 
 
 def analyse(tl: dict[str, Any], warmup: int) -> dict[str, Any]:
@@ -141,14 +160,81 @@ def analyse(tl: dict[str, Any], warmup: int) -> dict[str, Any]:
     inner = [g for g, edge in gaps if not edge]
     edges = [g for g, edge in gaps if edge]
     lo, hi = timed[0][0], timed[-1][1]
-    work = {name: sum(max(0.0, min(b, hi) - max(a, lo)) for a, b, _ in spans) / wall
+    work = {name: sum(max(0.0, min(b, hi) - max(a, lo)) for a, b, *_ in spans) / wall
             for name, spans in tl["busy"].items()}
     return {"timed_steps": len(timed), "wall_s": wall, "compute_s": compute, "overhead": 1.0 - compute / wall,
             "gap_ms_median": 1e3 * float(np.median(inner)) if inner else None,
             "gap_ms_p95": 1e3 * float(np.percentile(inner, 95)) if inner else None,
             "gap_ms_max": 1e3 * max(inner) if inner else None,
             "gap_s_inner_total": float(sum(inner)), "epoch_edge_gaps_ms": [1e3 * g for g in edges],
-            "worker_busy_share": work}
+            "worker_busy_share": work, "main_cpu_ms_per_step": tl.get("main_cpu_ms_per_step")}
+
+
+def stall_against(res: dict[str, Any], floor: dict[str, Any]) -> float:
+    """Share of ``res``'s wall time beyond its compute and the loop's own time per gap.
+
+    Robust to one slow step of the floor run (a 0.9 s pause was seen in one): the loop's own
+    time per gap is the floor's median gap, within an epoch, and its smallest at a boundary.
+    """
+    edge = float(min(floor["epoch_edge_gaps_ms"])) / 1e3 if floor["epoch_edge_gaps_ms"] else 0.0
+    n_edges = len(res["epoch_edge_gaps_ms"])
+    n_inner = res["timed_steps"] - 1 - n_edges
+    own = res["compute_s"] + n_inner * floor["gap_ms_median"] / 1e3 + n_edges * edge
+    return max(0.0, 1.0 - own / res["wall_s"])
+
+
+def _hog(duty: float, stop: Any, seed: int, ready: Any) -> None:
+    """Burn one core ``duty`` of the time until ``stop`` is set, in periods of 10-30 ms drawn
+    at random (a fixed period would keep the hogs in step with each other and beat against
+    the consumer's step)."""
+    rng = np.random.default_rng(seed)
+    ready.set()
+    while not stop.is_set():
+        period = rng.uniform(0.01, 0.03)
+        end = time.monotonic() + duty * period
+        while time.monotonic() < end:
+            pass
+        time.sleep(max(0.0, (1.0 - duty) * period))
+
+
+def beside_hogs(hogs: int, duty: float, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` while ``hogs`` processes each keep a core ``duty`` busy."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    ready = [ctx.Event() for _ in range(hogs)]
+    procs = [ctx.Process(target=_hog, args=(duty, stop, seed, ready[seed]), daemon=True) for seed in range(hogs)]
+    for proc in procs:
+        proc.start()
+    for event in ready:  # a spawned hog imports this module first: a CPU burst of its own
+        event.wait(60)
+    time.sleep(0.5)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        stop.set()
+        for proc in procs:
+            proc.join(5)
+
+
+def split_late(tl: dict[str, Any], warmup: int, own_gap_s: float) -> dict[str, float]:
+    """Split the wait beyond ``own_gap_s`` per step into the part where the step's batch was
+    still being produced when the gap began (``late``) and the rest (``delivery``: the batch
+    was ready in its slot, the main process had not handed it over yet), as shares of wall."""
+    steps, n = tl["steps"], tl["batches_per_epoch"]
+    ready = {(e, i): b for spans in tl["busy"].values() for a, b, e, *rest in spans for i in rest}
+    late = delivery = 0.0
+    for k in range(warmup + 1, len(steps)):
+        excess = steps[k][0] - steps[k - 1][1] - own_gap_s
+        done = ready.get(divmod(k, n))
+        if excess <= 0 or done is None:
+            continue
+        behind = min(excess, max(0.0, done - steps[k - 1][1]))
+        late += behind
+        delivery += excess - behind
+    wall = steps[-1][1] - steps[warmup][0]
+    return {"late": late / wall, "delivery": delivery / wall}
 
 
 def plot(tl: dict[str, Any], res: dict[str, Any], path: str, title: str) -> None:
@@ -195,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--augment", default="standard")
     p.add_argument("--dtype", choices=["float32", "uint8"], default="float32")
     p.add_argument("--worker-priority", choices=["normal", "low", "idle"], default="normal")
+    p.add_argument("--beside-load", action="store_true",
+                   help="also run the cached-data loop beside --workers CPU hogs as busy as the workers were")
     p.add_argument("--out", default=None)
     p.add_argument("--plot", default=None)
     p.add_argument("--replot", default=None, help="redraw --plot from this --out JSON, measure nothing")
@@ -222,14 +310,19 @@ def main(argv: list[str] | None = None) -> int:
     res["floor_gap_ms_median"] = floor["gap_ms_median"]
     res["floor_epoch_edge_gaps_ms"] = floor["epoch_edge_gaps_ms"]
     res["stall_vs_floor_wall"] = max(0.0, 1.0 - floor["wall_s"] / res["wall_s"])
-    # robust to one slow step of the floor run (a 0.9 s pause was seen in one): the loop's own
-    # time per gap is the floor's median gap, within an epoch and at its boundaries apart
+    res["stall"] = stall_against(res, floor)
     edge = float(min(floor["epoch_edge_gaps_ms"])) / 1e3 if floor["epoch_edge_gaps_ms"] else 0.0
-    n_edges = len(res["epoch_edge_gaps_ms"])
-    n_inner = res["timed_steps"] - 1 - n_edges
-    own = res["compute_s"] + n_inner * floor["gap_ms_median"] / 1e3 + n_edges * edge
-    res["stall"] = max(0.0, 1.0 - own / res["wall_s"])
     res["stall_at_epoch_edges"] = sum(max(0.0, g / 1e3 - edge) for g in res["epoch_edge_gaps_ms"]) / res["wall_s"]
+    if args.beside_load:
+        # the same cached-data loop beside as many CPU hogs as workers, each as busy as the
+        # workers were: what the cores' contention alone costs the loop, with no input at all
+        duty = float(np.mean(list(res["worker_busy_share"].values()))) if res["worker_busy_share"] else 0.0
+        loaded = analyse(beside_hogs(args.workers, duty, floor_run, store, step_s=step_s, **common), args.warmup)
+        res["floor_beside_load"] = {"hogs": args.workers, "duty": duty, "stall": stall_against(loaded, floor),
+                              "gap_ms_median": loaded["gap_ms_median"], "gap_ms_p95": loaded["gap_ms_p95"]}
+    # every gap beyond the floor's median (epoch boundaries included), by whether the batch was late
+    res["excess_by_cause"] = split_late(tl, args.warmup, floor["gap_ms_median"] / 1e3)
+    res["floor_main_cpu_ms_per_step"] = floor["main_cpu_ms_per_step"]
     res.update({**vars(args), "store": store, "capacity_batches_per_s": capacity, "step_ms": 1e3 * step_s})
     print(json.dumps({k: v for k, v in res.items() if k != "epoch_edge_gaps_ms"}, indent=1))
     print("epoch-boundary gaps (ms):", ", ".join(f"{g:.1f}" for g in res["epoch_edge_gaps_ms"]))
