@@ -260,6 +260,30 @@ def test_batches_are_aligned_and_their_memory_is_recycled(labelled_store):
         np.testing.assert_array_equal(np.round(kept[0][0, 0, 0, 0] * 255), ds.epoch_indices()[0])
 
 
+def test_a_pass_does_not_keep_its_carry_batch_lent(labelled_store):
+    """The first batch of a pass comes from the previous pass's carry; once the consumer drops
+    it, its slot must go back to the pool (a pass that kept it referenced held one of the lent
+    slots for the whole epoch, and a batch beyond them is copied)."""
+    store, _ = labelled_store
+    ds = SegmentationDataset(store, 8, num_classes=256, workers=2, use_multiprocessing=True)
+    with ds:
+        for _ in ds:
+            pass
+        ds.on_epoch_end()
+        assert ds._carry is not None and ds._carry.done.wait(30) and ds._carry.batch is not None
+        it = iter(ds)
+        images, _ = next(it)
+        where = images.ctypes.data
+        del images, _
+        for _ in range(3):
+            next(it)
+        pool = ds._feeder.pool
+        lent = {pool._backend.views[slot]["images"].ctypes.data for slot in pool._lent}
+        assert where not in lent
+        for _ in it:
+            pass
+
+
 def test_a_pass_left_one_batch_short_does_not_block_the_next(labelled_store):
     """The last batch still queued for an iterator that is kept but not finished: the next
     pass must not wait for that pass's look-ahead into the next epoch."""

@@ -72,13 +72,13 @@ class Feeder:
     """
 
     LEND = 6
-    """Batches handed out in place (no copy out of their slot) at once.  Under ``fit`` up to 5
+    """Batches handed out in place (no copy out of their slot) at once.  Under ``fit`` up to 4
     are alive together: the one the model works on, the previous step's until TensorFlow lets
-    it go, the one in tf.data's prefetch buffer, the one being handed to tf.data and the one the
-    hand-over thread holds (counted at every lend, RESULTS.md 13h); one more is a margin.  More
-    are copied (6-15 ms for a 32x256x256x3 float32 batch, once 120 ms, in the gap before a
-    step: with 4, 18-22 of 192 batches of a timeline run were copied).  Each costs one more slot
-    of shared memory."""
+    it go, the one in tf.data's prefetch buffer and the one being handed over (counted at every
+    lend, RESULTS.md 13h; 5 while a pass kept its carry batch referenced); two more are a
+    margin.  More are copied (6-15 ms for a 32x256x256x3 float32 batch, once 120 ms, in the
+    gap before a step: with 4, 16-22 of 192 batches of a timeline run were copied).  Each costs
+    one more slot of shared memory."""
 
     def __init__(self, producer: Any, slots: dict[str, tuple[tuple[int, ...], np.dtype]], *,
                  workers: int, use_multiprocessing: bool, max_queue_size: int,

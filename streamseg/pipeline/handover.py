@@ -60,9 +60,14 @@ class HandoverMixin:
         first = None
         if carry is not None and carry.key == (epoch, start):
             carry.done.wait()  # the previous pass's thread may still be collecting it
-            first = carry.batch
+            first, carry.batch = carry.batch, None
             if first is not None and epoch == self._epoch:
                 self._epoch_used = True
+        # the thread takes the carry batch out of this list: no local of the pass keeps it (and
+        # its lent slot) once the consumer has dropped it
+        carried = [first] if first is not None else []
+        begin = start + len(carried)
+        del first, carry
         handed: queue.Queue = queue.Queue(maxsize=1)
         stop = threading.Event()
 
@@ -76,9 +81,9 @@ class HandoverMixin:
         def hand_over() -> None:
             carry = None
             try:
-                if first is not None and not offer(first):
+                if carried and not offer(carried.pop()):
                     return
-                for i in range(start if first is None else start + 1, n):
+                for i in range(begin, n):
                     if stop.is_set():
                         return  # abandoned: fetch nothing more
                     # after an explicit close() the pass must not bring the workers back behind
