@@ -61,6 +61,13 @@ class TimedProducer:
     def __init__(self, inner: Any, folder: str) -> None:
         self.inner, self.folder = inner, folder
 
+    def setup_process(self) -> None:
+        # the producer's process-wide settings (OpenCV sequential in workers that fill the
+        # cores): without this forward every worker ran OpenCV's own pool, a second busy thread
+        fn = getattr(self.inner, "setup_process", None)
+        if fn is not None:
+            fn()
+
     def setup(self) -> None:
         self.inner.setup()
 
