@@ -28,7 +28,9 @@ into those at epoch boundaries and the others, and every gap's excess over the f
 gap into ``excess_by_cause``: ``late`` while the step's batch was still being produced (its
 worker span ended after the gap began), ``delivery`` when it was ready in its slot and the main
 process had not handed it over yet.  ``main_cpu_ms_per_step`` is the main process's CPU time
-(all threads: Keras, TensorFlow, the hand-over) per step, for the run and the floor.  With
+(all threads: Keras, TensorFlow, the hand-over) per step, for the run and the floor;
+``steal_share`` (and ``floor_steal_share``) the share of the cores' time the hypervisor took
+during each fit (``/proc/stat``), a neighbour's noise that stalls the loop too.  With
 ``--beside-load`` the floor loop runs once more beside as many CPU-burning processes as
 workers, each busy the share of the time the workers were (random periods of 10-30 ms): ``floor_beside_load.stall``,
 by the same formula against the quiet floor, is what contention for the cores alone costs a
@@ -119,15 +121,33 @@ def floor_run(store: str, *, step_s: float, epochs: int, batch_size: int, dtype:
     cached = tf.data.Dataset.from_tensors((x, y)).repeat(n)
     steps: list[tuple[float, float]] = []
     model = _model(step_s, steps)
-    c0, t0 = _cpu(), time.monotonic()
+    c0, s0, t0 = _cpu(), _steal(), time.monotonic()
     model.fit(cached, epochs=epochs, verbose=0)
-    return {"t0": t0, "t1": time.monotonic(), "steps": steps, "busy": {}, "batches_per_epoch": n,
-            "main_cpu_ms_per_step": 1e3 * (_cpu() - c0) / (epochs * n)}
+    t1 = time.monotonic()
+    return {"t0": t0, "t1": t1, "steps": steps, "busy": {}, "batches_per_epoch": n,
+            "main_cpu_ms_per_step": 1e3 * (_cpu() - c0) / (epochs * n),
+            "steal_share": steal_share(_steal() - s0, t1 - t0)}
 
 
 def _cpu() -> float:
     """CPU seconds of this process (all its threads, not its children)."""
     return sum(os.times()[:2])
+
+
+def _steal() -> float:
+    """CPU seconds the hypervisor took from this VM's CPUs so far (``steal`` of ``/proc/stat``;
+    0 where there is none): a noisy neighbour, not our pipeline, so runs report it beside the stall."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = fh.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def steal_share(steal_s: float, wall_s: float) -> float:
+    """Steal seconds as a share of the CPU time the VM's cores had over ``wall_s``."""
+    return steal_s / ((os.cpu_count() or 1) * wall_s) if wall_s > 0 else 0.0
 
 
 def run(store: str, *, workers: int, step_s: float, epochs: int, batch_size: int, augment: str,
@@ -142,9 +162,9 @@ def run(store: str, *, workers: int, step_s: float, epochs: int, batch_size: int
         ds._feeder.producer = TimedProducer(ds._feeder.producer, folder)
         steps: list[tuple[float, float]] = []
         model = _model(step_s, steps)
-        c0, t0 = _cpu(), time.monotonic()
+        c0, s0, t0 = _cpu(), _steal(), time.monotonic()
         model.fit(ds, epochs=epochs, verbose=0, callbacks=[ds.epoch_callback()])
-        t1, c1 = time.monotonic(), _cpu()
+        t1, c1, s1 = time.monotonic(), _cpu(), _steal()
         ds.close()
         # which batch of its epoch each span made (by its first sample): step k of the fit takes
         # batch k % n of epoch k // n
@@ -155,7 +175,7 @@ def run(store: str, *, workers: int, step_s: float, epochs: int, batch_size: int
             busy[f"worker {i + 1}"] = [(float(a), float(b), int(e), first.get((int(e), int(f)), -1))
                                        for a, b, e, f in rows]
     return {"t0": t0, "t1": t1, "steps": steps, "busy": busy, "batches_per_epoch": len(ds),
-            "main_cpu_ms_per_step": 1e3 * (c1 - c0) / (epochs * len(ds))}
+            "main_cpu_ms_per_step": 1e3 * (c1 - c0) / (epochs * len(ds)), "steal_share": steal_share(s1 - s0, t1 - t0)}
 
 
 def analyse(tl: dict[str, Any], warmup: int) -> dict[str, Any]:
@@ -174,7 +194,8 @@ def analyse(tl: dict[str, Any], warmup: int) -> dict[str, Any]:
             "gap_ms_p95": 1e3 * float(np.percentile(inner, 95)) if inner else None,
             "gap_ms_max": 1e3 * max(inner) if inner else None,
             "gap_s_inner_total": float(sum(inner)), "epoch_edge_gaps_ms": [1e3 * g for g in edges],
-            "worker_busy_share": work, "main_cpu_ms_per_step": tl.get("main_cpu_ms_per_step")}
+            "worker_busy_share": work, "main_cpu_ms_per_step": tl.get("main_cpu_ms_per_step"),
+            "steal_share": tl.get("steal_share")}
 
 
 def stall_against(res: dict[str, Any], floor: dict[str, Any]) -> float:
@@ -330,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     # every gap beyond the floor's median (epoch boundaries included), by whether the batch was late
     res["excess_by_cause"] = split_late(tl, args.warmup, floor["gap_ms_median"] / 1e3)
     res["floor_main_cpu_ms_per_step"] = floor["main_cpu_ms_per_step"]
+    res["floor_steal_share"] = floor["steal_share"]
     res.update({**vars(args), "store": store, "capacity_batches_per_s": capacity, "step_ms": 1e3 * step_s})
     print(json.dumps({k: v for k, v in res.items() if k != "epoch_edge_gaps_ms"}, indent=1))
     print("epoch-boundary gaps (ms):", ", ".join(f"{g:.1f}" for g in res["epoch_edge_gaps_ms"]))
