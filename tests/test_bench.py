@@ -182,3 +182,29 @@ def test_memory_cap_child_joins_the_prepared_cgroup(tiny_store, tmp_path, monkey
     assert cap["outcome"] == "completed under the cap" and cap["exit_status"] == 0
     assert int((group / "cgroup.procs").read_text()) > 0  # the measuring child wrote itself there
     check_common(r)
+
+
+def test_timeline_wrapper_runs_the_producers_process_setup(tmp_path):
+    """benchmarks/timeline.py times the workers through a wrapper; the worker calls the
+    wrapper's setup_process and setup (as for the dataset's own producer), so OpenCV runs as the
+    dataset runs it.  Without the forward, timeline runs measured OpenCV's thread pool instead."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "timeline.py"
+    spec = importlib.util.spec_from_file_location("_timeline_under_test", path)
+    timeline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(timeline)
+    calls = []
+
+    class Inner:
+        def setup_process(self):
+            calls.append("process")
+
+        def setup(self):
+            calls.append("setup")
+
+    wrapped = timeline.TimedProducer(Inner(), str(tmp_path))
+    for step in (getattr(wrapped, "setup_process", None), getattr(wrapped, "setup", None)):
+        step()
+    assert calls == ["process", "setup"]
