@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -184,13 +185,16 @@ def test_memory_cap_child_joins_the_prepared_cgroup(tiny_store, tmp_path, monkey
     check_common(r)
 
 
-def test_timeline_wrapper_runs_the_producers_process_setup(tmp_path):
+def test_timeline_wrapper_runs_the_producers_process_setup(tmp_path, monkeypatch):
     """benchmarks/timeline.py times the workers through a wrapper; the worker calls the
     wrapper's setup_process and setup (as for the dataset's own producer), so OpenCV runs as the
     dataset runs it.  Without the forward, timeline runs measured OpenCV's thread pool instead."""
     import importlib.util
     from pathlib import Path
 
+    # timeline.py puts benchmarks/ first on sys.path (its conftest.py would then shadow the
+    # tests' own for every later import, Dask workers' included): restored after the test
+    monkeypatch.setattr(sys, "path", list(sys.path))
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "timeline.py"
     spec = importlib.util.spec_from_file_location("_timeline_under_test", path)
     timeline = importlib.util.module_from_spec(spec)
