@@ -190,7 +190,8 @@ def test_timeline_wrapper_runs_the_producers_process_setup(tmp_path, monkeypatch
     wrapper's setup_process and setup (as for the dataset's own producer), so OpenCV runs as the
     dataset runs it.  Without the forward, timeline runs measured OpenCV's thread pool instead."""
     import importlib.util
-    from pathlib import Path
+
+    from streamseg.parallel.workers import _process_setup
 
     # timeline.py puts benchmarks/ first on sys.path (its conftest.py would then shadow the
     # tests' own for every later import, Dask workers' included): restored after the test
@@ -208,7 +209,5 @@ def test_timeline_wrapper_runs_the_producers_process_setup(tmp_path, monkeypatch
         def setup(self):
             calls.append("setup")
 
-    wrapped = timeline.TimedProducer(Inner(), str(tmp_path))
-    for step in (getattr(wrapped, "setup_process", None), getattr(wrapped, "setup", None)):
-        step()
+    _process_setup(timeline.TimedProducer(Inner(), str(tmp_path)))()  # as a worker process runs it
     assert calls == ["process", "setup"]
