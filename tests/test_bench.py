@@ -185,21 +185,27 @@ def test_memory_cap_child_joins_the_prepared_cgroup(tiny_store, tmp_path, monkey
     check_common(r)
 
 
-def test_timeline_wrapper_runs_the_producers_process_setup(tmp_path, monkeypatch):
-    """benchmarks/timeline.py times the workers through a wrapper; the worker calls the
-    wrapper's setup_process and setup (as for the dataset's own producer), so OpenCV runs as the
-    dataset runs it.  Without the forward, timeline runs measured OpenCV's thread pool instead."""
+@pytest.fixture
+def timeline(monkeypatch):
+    """benchmarks/timeline.py, loaded as a module.  It puts benchmarks/ first on sys.path (its
+    conftest.py would then shadow the tests' own for every later import, Dask workers'
+    included): restored after the test."""
     import importlib.util
 
-    from streamseg.parallel.workers import _process_setup
-
-    # timeline.py puts benchmarks/ first on sys.path (its conftest.py would then shadow the
-    # tests' own for every later import, Dask workers' included): restored after the test
     monkeypatch.setattr(sys, "path", list(sys.path))
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "timeline.py"
     spec = importlib.util.spec_from_file_location("_timeline_under_test", path)
-    timeline = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(timeline)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_timeline_wrapper_runs_the_producers_process_setup(tmp_path, timeline):
+    """benchmarks/timeline.py times the workers through a wrapper; the worker calls the
+    wrapper's setup_process and setup (as for the dataset's own producer), so OpenCV runs as the
+    dataset runs it.  Without the forward, timeline runs measured OpenCV's thread pool instead."""
+    from streamseg.parallel.workers import _process_setup
+
     calls = []
 
     class Inner:
@@ -211,3 +217,19 @@ def test_timeline_wrapper_runs_the_producers_process_setup(tmp_path, monkeypatch
 
     _process_setup(timeline.TimedProducer(Inner(), str(tmp_path)))()  # as a worker process runs it
     assert calls == ["process", "setup"]
+
+
+def test_timeline_stall_within_epochs_leaves_the_epoch_boundaries_out(timeline):
+    """10 steps of 10 ms compute over 2 epochs of 5: 8 gaps inside epochs of 3 ms each, and
+    one 1.2 s gap at the boundary.  Against a floor whose median gap is 2 ms, the wait inside
+    epochs is 8 x 1 ms; the whole stall counts the boundary's pause beyond the floor's own."""
+    steps, t = [], 0.0
+    for k in range(10):
+        steps.append((t, t + 0.010))
+        t += 0.010 + (1.2 if k == 4 else 0.003)
+    res = timeline.analyse({"steps": steps, "batches_per_epoch": 5, "busy": {}}, 0)
+    floor = {"gap_ms_median": 2.0, "epoch_edge_gaps_ms": [5.0]}
+    assert res["timed_steps"] == 10 and res["epoch_edge_gaps_ms"] == pytest.approx([1200.0])
+    assert timeline.stall_within_epochs(res, floor) == pytest.approx(8 * 0.001 / res["wall_s"])
+    assert timeline.stall_against(res, floor) == pytest.approx(
+        (8 * 0.001 + 1.2 - 0.005) / res["wall_s"])
