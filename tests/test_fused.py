@@ -241,3 +241,32 @@ def test_decoded_chunk_cache_decodes_once_and_sees_rewritten_files(arrays_store,
     calls.clear()
     np.testing.assert_array_equal(store.read([12])[0], images[[12]])
     assert calls == [3]
+
+
+def test_inline_reads_decode_each_chunk_once_per_epoch(arrays_store, backend, monkeypatch):
+    """workers=0 produces batches in the calling thread; it keeps the decoded-chunk cache the
+    workers keep, so the batches of one shuffle window (which read the same chunks) decode each
+    chunk at most once per epoch, and the batches hold the samples they name."""
+    from collections import Counter
+
+    from streamseg import SegmentationDataset
+
+    store, images, _ = arrays_store
+    if backend != "zarr":
+        pytest.skip("decoded chunks are cached for zarr stores")
+    ds = SegmentationDataset(store, batch_size=3, shuffle="window", workers=0, seed=5)
+    reader = ds.store.chunk_reader("images")
+    calls = []
+    real = reader._decode_into
+    monkeypatch.setattr(reader, "_decode_into", lambda raw, k, out: calls.append(k) or real(raw, k, out))
+    for epoch in range(2):
+        ds.epoch = epoch
+        calls.clear()
+        for i in range(len(ds)):
+            x, _ = ds[i]
+            idx = ds.batch_indices(i, epoch)
+            np.testing.assert_array_equal(np.rint(x[:, 0, 0, 0] * 255).astype(int), images[idx, 0, 0, 0])
+        assert max(Counter(calls).values()) == 1, calls  # no chunk decoded twice in an epoch
+        if epoch == 0:
+            assert sorted(calls) == list(range(6))  # (later epochs find some still cached)
+    ds.close()

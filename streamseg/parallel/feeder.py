@@ -102,6 +102,7 @@ class Feeder:
         self._timer: threading.Timer | None = None
         self.buffers = BufferRecycler()
         self.on_close = on_close
+        self._inline_pid: int | None = None  # the process that ran the producer's setup_inline
 
     @property
     def inline(self) -> bool:
@@ -133,6 +134,11 @@ class Feeder:
         return self._pool
 
     def _produce_inline(self, task: Any) -> dict[str, np.ndarray]:
+        if self._inline_pid != os.getpid():
+            self._inline_pid = os.getpid()
+            setup = getattr(self.producer, "setup_inline", None)
+            if setup is not None:
+                setup()
         out = {name: self.buffers.empty(shape, dtype) for name, (shape, dtype) in self.slots.items()}
         with FORK_GUARD.producing():  # no fork of another dataset's workers meanwhile
             n = self.producer.produce(task, out)

@@ -84,7 +84,7 @@ if hasattr(os, "register_at_fork"):
 class Producer(Protocol):
     """What the workers of a :class:`BatchPool` run (picklable for processes).
 
-    ``setup`` and ``setup_process`` are optional, and so is ``describe(task) -> str``: called
+    ``setup``, ``setup_process`` and ``setup_inline`` are optional, and so is ``describe(task) -> str``: called
     in the main process only when a task fails or its worker dies, it says what the task was
     about (e.g. which samples of which file), for the error message.
     """
@@ -95,6 +95,11 @@ class Producer(Protocol):
     def setup_process(self) -> None:
         """Process-wide settings, once in each worker *process* before ``setup`` (never for
         thread workers: they share the caller's process), e.g. a library's thread count."""
+
+    def setup_inline(self) -> None:
+        """Once in each process that produces batches inline, in the calling thread (no
+        workers; a :class:`~streamseg.parallel.feeder.Feeder` calls it, not the pool): what
+        ``setup`` would do that also suits that process, e.g. a cache, not a thread count."""
 
     def produce(self, task: Any, out: dict[str, np.ndarray]) -> int:
         """Fill ``out[name][:n]`` for ``task`` and return ``n`` (at most the slot rows)."""

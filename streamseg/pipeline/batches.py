@@ -146,6 +146,13 @@ class BatchProducer:
         if self.options.cache_chunks:
             self.store.keep_decoded_chunks(self.options.cache_chunks)
 
+    def setup_inline(self) -> None:
+        """Run once in a process that produces batches inline (``workers=0``): the decoded-chunk
+        cache of :meth:`setup`, which serves consecutive batches of a shuffle window there too;
+        Blosc keeps its threads (nothing else fills the cores)."""
+        if self.options.cache_chunks:
+            self.store.keep_decoded_chunks(self.options.cache_chunks)
+
     def describe(self, task: tuple[int, np.ndarray], shown: int = 4) -> str:
         """Which samples ``task`` reads, their source names and the store, for error messages.
 
