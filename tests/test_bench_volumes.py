@@ -78,7 +78,7 @@ def test_bench_refuses_options_that_do_not_fit_the_store(stores, capsys, which, 
 
 
 def test_memory_cap_child_gets_the_patch_options(stores):
-    from streamseg.bench.measure import _child_argv
+    from streamseg.bench.command import _child_argv
     from streamseg.bench.patches import resolve_store_options
 
     args = build_parser().parse_args(["bench", str(stores["volumes"]), "--patch-size", "16", "16", "8"])

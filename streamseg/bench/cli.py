@@ -36,6 +36,6 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_bench_command(args: argparse.Namespace) -> int:
     """Run ``streamseg bench``; returns the exit status."""
-    from .measure import run_bench_cli
+    from .command import run_bench_cli
 
     return run_bench_cli(args)

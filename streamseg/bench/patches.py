@@ -171,7 +171,7 @@ def measure_volume_store(args: argparse.Namespace, store: Any, device: str | Non
 
 
 def volume_rows(r: dict[str, Any], rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """:func:`~streamseg.bench.measure.format_result`'s rows with store, pipeline and throughput
+    """:func:`~streamseg.bench.command.format_result`'s rows with store, pipeline and throughput
     described in cases and patches."""
     from .measure import _mib
 
