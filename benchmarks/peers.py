@@ -37,7 +37,8 @@ Peers (what streamseg is compared against):
 
 5. The parallel-map tf.data peers of :mod:`peers_tfdata` (issue 14): ``tfdata_map_batch_memmap``,
    ``tfdata_map_sample_memmap`` and ``tfdata_map_batch_zarr`` --
-   ``range(n).shuffle(n)[.batch(B)].map(numpy_function(read + OpenCV augment), AUTOTUNE)``.
+   ``range(n).shuffle(n)[.batch(B)].map(numpy_function(read + OpenCV augment), AUTOTUNE)`` --
+   and the memmap two with ``.repeat()`` (``..._repeat``: one endless epoch, one iterator).
 6. ``pydataset_memmap_threads`` / ``pydataset_memmap_processes``: a plain ``PyDataset`` over
    the memmap store (arrays mapped lazily once per process, one sorted fancy-index read per
    batch, OpenCV augmentation per sample, uniform shuffle per epoch), ``workers`` threads or
@@ -70,8 +71,8 @@ __all__ = ["PEERS", "PIPELINES", "LABELS", "PipelineSkipped", "standard_transfor
            "generator_dataset", "MemmapPyDataset", "build_pipeline", "BACKENDS"]
 
 PEERS = ("seed_article", "zarr_per_sample", "tfdata_tfrecord", "tfdata_generator", "tfdata_map_batch_memmap",
-         "tfdata_map_sample_memmap", "tfdata_map_batch_zarr", "pydataset_memmap_threads",
-         "pydataset_memmap_processes")
+         "tfdata_map_sample_memmap", "tfdata_map_batch_zarr", "tfdata_map_batch_memmap_repeat",
+         "tfdata_map_sample_memmap_repeat", "pydataset_memmap_threads", "pydataset_memmap_processes")
 PIPELINES = PEERS + ("streamseg_zarr", "streamseg_memmap", "streamseg_zarr_uint8", "streamseg_memmap_uint8")
 LABELS = {
     "seed_article": "seed article: NumPy in RAM + legacy ImageDataGenerator",
@@ -81,6 +82,10 @@ LABELS = {
     "tfdata_map_batch_memmap": "tf.data: range.shuffle.batch.map(numpy_function: memmap batch + OpenCV)",
     "tfdata_map_sample_memmap": "tf.data: range.shuffle.map(numpy_function: memmap sample + OpenCV).batch",
     "tfdata_map_batch_zarr": "tf.data: range.shuffle.batch.map(numpy_function: zarr batch read + OpenCV)",
+    "tfdata_map_batch_memmap_repeat": "tf.data: range.shuffle.repeat.batch.map(numpy_function: memmap batch + OpenCV), "
+                                      "one endless epoch",
+    "tfdata_map_sample_memmap_repeat": "tf.data: range.shuffle.repeat.map(numpy_function: memmap sample + OpenCV).batch, "
+                                       "one endless epoch",
     "pydataset_memmap_threads": "Keras PyDataset over memmap + OpenCV, worker threads",
     "pydataset_memmap_processes": "Keras PyDataset over memmap + OpenCV, worker processes",
     "streamseg_zarr": "streamseg SegmentationDataset (zarr)",
@@ -90,7 +95,8 @@ LABELS = {
 }
 BACKENDS = {"seed_article": "ram", "zarr_per_sample": "zarr", "tfdata_tfrecord": "tfrecord",
             "tfdata_generator": "memmap", "tfdata_map_batch_memmap": "memmap", "tfdata_map_sample_memmap": "memmap",
-            "tfdata_map_batch_zarr": "zarr", "pydataset_memmap_threads": "memmap",
+            "tfdata_map_batch_zarr": "zarr", "tfdata_map_batch_memmap_repeat": "memmap",
+            "tfdata_map_sample_memmap_repeat": "memmap", "pydataset_memmap_threads": "memmap",
             "pydataset_memmap_processes": "memmap", "streamseg_zarr": "zarr", "streamseg_memmap": "memmap",
             "streamseg_zarr_uint8": "zarr", "streamseg_memmap_uint8": "memmap"}
 ROTATE, ZOOM, SHIFT, BRIGHTNESS, CONTRAST = 15.0, (0.9, 1.1), 0.05, 0.1, 0.1

@@ -11,6 +11,12 @@ Each is ``Dataset.range(n).shuffle(n)`` (a uniform shuffle, reshuffled every epo
 - ``tfdata_map_batch_zarr``: as the first over the zarr store, one
   ``arr.get_orthogonal_selection`` of the batch's sorted indices per array and batch; the
   group is opened lazily once per thread (and process).
+- ``tfdata_map_batch_memmap_repeat`` / ``tfdata_map_sample_memmap_repeat``: the memmap
+  peers with ``.repeat()`` after the shuffle (reshuffled every pass): an endless dataset that
+  ``fit`` runs as one epoch of ``steps_per_epoch`` steps, so the iterator, its AUTOTUNE
+  parallelism and its prefetch buffer live on across passes (the finite peers pay a new
+  iterator every epoch: their slowest step, at an epoch boundary, took 0.2-2.4 s in
+  RESULTS.md 13j), and a batch may hold the end of one pass and the start of the next.
 
 Randomness per sample: ``default_rng([seed, r, index])`` with ``r`` from
 ``tf.data.Dataset.random`` (a per-iteration stream, as the other tf.data peers).  "workers"
@@ -33,7 +39,8 @@ from peers import _threading, cv2_standard_augment
 __all__ = ["TFDATA_MAP_PEERS", "MemmapReader", "ZarrReader", "map_batch_dataset", "map_sample_dataset",
            "build_tfdata_map"]
 
-TFDATA_MAP_PEERS = ("tfdata_map_batch_memmap", "tfdata_map_sample_memmap", "tfdata_map_batch_zarr")
+TFDATA_MAP_PEERS = ("tfdata_map_batch_memmap", "tfdata_map_sample_memmap", "tfdata_map_batch_zarr",
+                    "tfdata_map_batch_memmap_repeat", "tfdata_map_sample_memmap_repeat")
 
 
 def _augment_batch(images: np.ndarray, masks: np.ndarray, idx: np.ndarray, seed: int, rand: int
@@ -134,35 +141,51 @@ def _py(fn: Callable[..., Any], shape_x: tuple, shape_y: tuple) -> Callable[[Any
     return call
 
 
+def _indices(count: int, seed: int, repeat: bool) -> Any:
+    """``range(n).shuffle(n)``, reshuffled every pass; endless with ``repeat``."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.range(count).shuffle(count, seed=seed, reshuffle_each_iteration=True)
+    return ds.repeat() if repeat else ds
+
+
+def _finish(ds: Any, batches: int, repeat: bool, workers: int) -> Any:
+    import tensorflow as tf
+
+    if not repeat:
+        ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
+    return _threading(ds, workers)
+
+
 def map_batch_dataset(reader: MemmapReader, count: int, shape: tuple[int, int, int], batch_size: int = 32,
-                      seed: int = 0, workers: int = 2) -> Any:
-    """``range(n).shuffle(n).batch(B).map(numpy_function(read + augment a batch), AUTOTUNE).prefetch``."""
+                      seed: int = 0, workers: int = 2, repeat: bool = False) -> Any:
+    """``range(n).shuffle(n)[.repeat()].batch(B).map(numpy_function(read + augment a batch), AUTOTUNE).prefetch``."""
     import tensorflow as tf
 
     auto = tf.data.AUTOTUNE
     h, w, c = shape
-    ds = tf.data.Dataset.range(count).shuffle(count, seed=seed, reshuffle_each_iteration=True)
+    ds = _indices(count, seed, repeat)
     ds = ds.batch(batch_size, drop_remainder=True)
     rand = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
     ds = tf.data.Dataset.zip((ds, rand))
     ds = ds.map(_py(reader.batch, (batch_size, h, w, c), (batch_size, h, w, 1)), num_parallel_calls=auto,
                 deterministic=False).prefetch(auto)
-    return _threading(ds.apply(tf.data.experimental.assert_cardinality(count // batch_size)), workers)
+    return _finish(ds, count // batch_size, repeat, workers)
 
 
 def map_sample_dataset(reader: MemmapReader, count: int, shape: tuple[int, int, int], batch_size: int = 32,
-                       seed: int = 0, workers: int = 2) -> Any:
-    """``range(n).shuffle(n).map(numpy_function(read + augment a sample), AUTOTUNE).batch(B).prefetch``."""
+                       seed: int = 0, workers: int = 2, repeat: bool = False) -> Any:
+    """``range(n).shuffle(n)[.repeat()].map(numpy_function(read + augment a sample), AUTOTUNE).batch(B).prefetch``."""
     import tensorflow as tf
 
     auto = tf.data.AUTOTUNE
     h, w, c = shape
-    ds = tf.data.Dataset.range(count).shuffle(count, seed=seed, reshuffle_each_iteration=True)
+    ds = _indices(count, seed, repeat)
     rand = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
     ds = tf.data.Dataset.zip((ds, rand))
     ds = ds.map(_py(reader.sample, (h, w, c), (h, w, 1)), num_parallel_calls=auto, deterministic=False)
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(auto)
-    return _threading(ds.apply(tf.data.experimental.assert_cardinality(count // batch_size)), workers)
+    return _finish(ds, count // batch_size, repeat, workers)
 
 
 def build_tfdata_map(name: str, data: dict[str, str], *, workers: int, batch_size: int = 32, seed: int = 0) -> Any:
@@ -170,9 +193,10 @@ def build_tfdata_map(name: str, data: dict[str, str], *, workers: int, batch_siz
     backend = "zarr" if name.endswith("_zarr") else "memmap"
     count, shape = _meta(data[backend])
     reader = ZarrReader(data["zarr"], seed) if backend == "zarr" else MemmapReader(data["memmap"], seed)
-    if name in ("tfdata_map_batch_memmap", "tfdata_map_batch_zarr"):
-        return map_batch_dataset(reader, count, shape, batch_size, seed, workers)
-    if name == "tfdata_map_sample_memmap":
-        return map_sample_dataset(reader, count, shape, batch_size, seed, workers)
+    repeat = name.endswith("_repeat")
+    if name in ("tfdata_map_batch_memmap", "tfdata_map_batch_zarr", "tfdata_map_batch_memmap_repeat"):
+        return map_batch_dataset(reader, count, shape, batch_size, seed, workers, repeat)
+    if name in ("tfdata_map_sample_memmap", "tfdata_map_sample_memmap_repeat"):
+        return map_sample_dataset(reader, count, shape, batch_size, seed, workers, repeat)
     raise ValueError(f"Unknown tf.data map peer {name!r}; choose from {', '.join(TFDATA_MAP_PEERS)}. "
                      f"Received: {name!r}")
