@@ -15,7 +15,7 @@ Each is ``Dataset.range(n).shuffle(n)`` (a uniform shuffle, reshuffled every epo
   peers with ``.repeat()`` after the shuffle (reshuffled every pass): an endless dataset that
   ``fit`` runs as one epoch of ``steps_per_epoch`` steps, so the iterator, its AUTOTUNE
   parallelism and its prefetch buffer live on across passes (the finite peers pay a new
-  iterator every epoch: their slowest step, at an epoch boundary, took 0.2-2.4 s in
+  iterator every epoch: their slowest step, at an epoch boundary, took 0.2-2.5 s in
   RESULTS.md 13j), and a batch may hold the end of one pass and the start of the next.
 
 Randomness per sample: ``default_rng([seed, r, index])`` with ``r`` from
