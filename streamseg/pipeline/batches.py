@@ -143,8 +143,7 @@ class BatchProducer:
         from numcodecs import blosc
 
         blosc.use_threads = False
-        if self.options.cache_chunks:
-            self.store.keep_decoded_chunks(self.options.cache_chunks)
+        self.setup_inline()  # the decoded-chunk cache
 
     def setup_inline(self) -> None:
         """Run once in a process that produces batches inline (``workers=0``): the decoded-chunk
