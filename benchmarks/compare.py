@@ -17,6 +17,8 @@ With ``--rounds R`` every pipeline runs R times, round after round, the order re
 other round, so that drift (thermal, other load) falls on all pipelines alike.  Beside each
 rate stands the pipeline's per-sample augmentation cost (its own augmentation + scaling alone,
 one thread, on samples in RAM; measured once, in a fresh process: :func:`augment_costs`).
+Each run starts on a warm page cache: the child reads the store its pipeline reads before
+building it (``--page-cache warm``, :mod:`pagecache`; ``cold`` drops it instead).
 
 Writes the JSON (every field of every run), a Markdown table (``.md``) and a plot of samples/s
 against workers (``.png``) side by side, and prints the table.  Ratios are against the best
@@ -209,6 +211,19 @@ def smoke(data: dict[str, str], names: tuple[str, ...], batch_size: int, classes
     return 1 if bad else 0
 
 
+def _page_cache(spec: dict[str, Any]) -> dict[str, Any]:
+    """Warm (default) or evict the store the pipeline reads, just before it is built (:mod:`pagecache`)."""
+    import pagecache
+    import peers
+
+    policy = spec.get("page_cache", "warm")
+    backend = peers.BACKENDS[spec["pipeline"]]
+    paths = [spec["data"]["memmap" if backend == "ram" else backend]]
+    if policy == "as-is":
+        return {"policy": policy}
+    return {"policy": policy, **(pagecache.warm(paths) if policy == "warm" else pagecache.evict(paths))}
+
+
 def _child(spec: dict[str, Any]) -> int:
     """Measure one pipeline in this (fresh) process; write the outcome to ``spec['out']``."""
     import faulthandler
@@ -223,6 +238,7 @@ def _child(spec: dict[str, Any]) -> int:
         if spec.get("kind") == "augment_costs":
             out["result"] = augment_costs(spec["data"]["memmap"], seed=spec["seed"])
             raise StopIteration
+        out["page_cache"] = _page_cache(spec)
         t0 = time.perf_counter()
         ds = peers.build_pipeline(spec["pipeline"], spec["data"], workers=spec["workers"],
                                   batch_size=spec["batch_size"], seed=spec["seed"], max_ram=spec.get("max_ram"))
@@ -440,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--steps", type=int, default=60, help="measured steps (warm-up + steps = 2 epochs at 1024/32)")
     p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--page-cache", default="warm", choices=["warm", "cold", "as-is"],
+                   help="read the pipeline's store into the page cache before each run (warm), drop it "
+                        "(cold), or leave it (as-is; this VM evicts files untouched for ~1 min)")
     p.add_argument("--step-ms", type=float, nargs="+", default=[40.0],
                    help="simulated accelerator ms per batch; 0 measures raw pipeline capacity")
     p.add_argument("--batch-size", type=int, default=32)
@@ -479,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = {"pipeline": name, "workers": workers, "step_ms": step_ms, "steps": args.steps,
                 "warmup": args.warmup, "batch_size": args.batch_size, "model": args.model,
                 "seed": args.seed, "size": args.size, "classes": args.classes, "data": data,
-                "max_ram": max_ram}
+                "max_ram": max_ram, "page_cache": args.page_cache}
         load = os.getloadavg()[0]
         print(f"[run {rnd}] {name:26s} workers={workers} step_ms={step_ms:g} ...", end=" ", flush=True)
         t0 = time.perf_counter()
@@ -488,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
                "step_ms": step_ms, "augment": _augment_kind(name), "augment_ms_per_sample": aug_ms.get(_augment_kind(name)),
                "status": outcome["status"], "seconds": time.perf_counter() - t0, "loadavg_1min": load}
         if outcome["status"] == "ok":
-            run.update(outcome["result"], build_s=outcome.get("build_s"))
+            run.update(outcome["result"], build_s=outcome.get("build_s"), page_cache=outcome.get("page_cache"))
             run.update({k: outcome[k] for k in ("exit_note", "log_tail") if k in outcome})
         else:
             run.update({k: v for k, v in outcome.items() if k != "status"})

@@ -233,3 +233,27 @@ def test_timeline_stall_within_epochs_leaves_the_epoch_boundaries_out(timeline):
     assert timeline.stall_within_epochs(res, floor) == pytest.approx(8 * 0.001 / res["wall_s"])
     assert timeline.stall_against(res, floor) == pytest.approx(
         (8 * 0.001 + 1.2 - 0.005) / res["wall_s"])
+
+
+def test_pagecache_warm_and_evict_cover_every_file_of_a_store(tmp_path, monkeypatch):
+    """benchmarks/pagecache.py (compare.py warms each run's store with it): every file under a
+    folder is read once, nested folders included, and evict touches the same bytes."""
+    import importlib.util
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pagecache.py"
+    spec = importlib.util.spec_from_file_location("_pagecache_under_test", path)
+    pagecache = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pagecache)
+    store = tmp_path / "store.zarr"
+    (store / "images" / "c" / "0").mkdir(parents=True)
+    (store / "zarr.json").write_bytes(b"{}")
+    (store / "images" / "c" / "0" / "0").write_bytes(bytes(range(256)) * 40000)  # > one 4 MiB block
+    (store / "images" / "c" / "0" / "1").write_bytes(b"x" * 7)
+    single = tmp_path / "one.bin"
+    single.write_bytes(b"abc")
+    expected = 2 + 256 * 40000 + 7 + 3
+    assert [p.name for p in pagecache.files_under([str(store)])] == ["0", "1", "zarr.json"]
+    assert pagecache.warm([str(store), str(single)])["bytes"] == expected
+    assert pagecache.evict([str(store), str(single)])["bytes"] == expected
+    assert pagecache.warm([str(tmp_path / "missing")])["bytes"] == 0
