@@ -142,6 +142,34 @@ def test_lock_file_alone_is_not_a_store(tmp_path):
     assert not dst.exists()  # created for nothing: removed again
 
 
+def test_refusal_waits_for_the_holder_to_write_its_pid(tmp_path):
+    """The holder writes its PID just after it locks: a writer refused in between still names it."""
+    import fcntl
+    import threading
+
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    fd = os.open(dst / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"999999999\n")  # a killed earlier holder's PID: not alive, not named
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(StoreExistsError, match=r"\(another process\)"):
+            DestinationLock(dst).acquire()
+
+        def write_pid() -> None:
+            time.sleep(0.15)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+        writer = threading.Thread(target=write_pid)
+        writer.start()
+        with pytest.raises(StoreExistsError, match=f"PID {os.getpid()}"):
+            DestinationLock(dst).acquire()
+        writer.join()
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("damage", ["chunk_missing", "chunk_changed", "array_meta_missing", "memmap_changed"])
 def test_completion_flag_needs_every_chunk_on_disk(tmp_path, src, damage, monkeypatch):
     import streamseg.store.converter as conv

@@ -41,6 +41,32 @@ def lock_holder(dst: str | os.PathLike) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _wait_for_holder(dst: Path, tries: int = 50, pause_s: float = 0.01) -> int | None:
+    """PID of the process that holds ``dst``'s lock, waiting briefly for it to be written.
+
+    The holder writes its PID just after it takes the lock, so a process refused in between
+    reads an empty file (or the PID of a killed earlier holder); waiting up to ``tries * pause_s`` seconds lets the message name it.
+    """
+    import time
+
+    for _ in range(tries):
+        holder = lock_holder(dst)
+        if holder is not None and _alive(holder):  # not a killed holder's PID left in the file
+            return holder
+        time.sleep(pause_s)
+    return None
+
+
 class DestinationLock:
     """Exclusive lock on a conversion destination (a context manager).
 
@@ -83,7 +109,7 @@ class DestinationLock:
                 os.close(fd)
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise
-                holder = lock_holder(self.dst)
+                holder = _wait_for_holder(self.dst)
                 who = f"PID {holder}" if holder is not None else "another process"
                 raise StoreExistsError(
                     f"{self.dst} is being written by another streamseg conversion ({who}); wait for it "
