@@ -53,6 +53,9 @@ for _p in (str(ROOT), str(ROOT / "benchmarks")):
 __all__ = ["prepare_stores", "prepare_data", "augment_costs", "smoke", "run_one", "summarise", "summary_rows",
            "main"]
 
+from compare_report import (augment_kind, markdown_table, plot, run_table, summarise,  # noqa: E402
+                            summary_rows, summary_table, text_table)
+
 
 def prepare_stores(data_dir: str | os.PathLike, count: int, size: int = 256, classes: int = 3, seed: int = 0,
                    formats: tuple[str, ...] = ("zarr", "memmap")) -> dict[str, str]:
@@ -96,13 +99,6 @@ def prepare_data(data_dir: str | os.PathLike, count: int, size: int = 256, class
     peers.write_tfrecords(paths["memmap"], tfrecord, shards)
     paths["tfrecord"] = str(tfrecord)
     return paths
-
-
-def _augment_kind(name: str) -> str:
-    """Which augmentation code pipeline ``name`` runs (a key of :func:`augment_costs`)."""
-    if name.startswith("streamseg"):
-        return "streamseg_uint8" if name.endswith("_uint8") else "streamseg"
-    return {"seed_article": "legacy", "tfdata_tfrecord": "tf"}.get(name, "cv2")
 
 
 def augment_costs(memmap_store: str | os.PathLike, samples: int = 64, seed: int = 0) -> dict[str, float]:
@@ -304,129 +300,6 @@ def run_one(spec: dict[str, Any], timeout: float, exit_grace: float = 30.0) -> d
         return {"status": "failed", "error": f"exit status {proc.returncode}", "log_tail": tail}
 
 
-def summarise(runs: list[dict[str, Any]], peers_names: tuple[str, ...]) -> None:
-    """Add ``vs_best_peer`` and ``vs_zarr_baseline`` (samples/s ratios) to every successful run."""
-    for run in runs:
-        if run["status"] != "ok":
-            continue
-        same = [r for r in runs if r["status"] == "ok" and r["step_ms"] == run["step_ms"]
-                and r["workers"] == run["workers"] and r.get("round", 0) == run.get("round", 0)]
-        best = max((r for r in same if r["pipeline"] in peers_names), key=lambda r: r["samples_per_s"], default=None)
-        base = next((r for r in same if r["pipeline"] == "zarr_per_sample"), None)
-        run["best_peer"] = best["pipeline"] if best else None
-        run["vs_best_peer"] = run["samples_per_s"] / best["samples_per_s"] if best else None
-        run["vs_zarr_baseline"] = run["samples_per_s"] / base["samples_per_s"] if base else None
-
-
-def summary_rows(runs: list[dict[str, Any]], peers_names: tuple[str, ...], backends: dict[str, str]
-                 ) -> list[dict[str, Any]]:
-    """Per streamseg pipeline, workers and consumer speed: the best peer and the best same-backend peer.
-
-    The best peer has the highest median samples/s over the rounds; its ratio is streamseg /
-    that peer within each round, given as ``[min, median, max]`` over the rounds.
-    """
-    rates: dict[tuple[str, int, float], dict[int, float]] = {}
-    for r in runs:
-        if r["status"] == "ok":
-            rates.setdefault((r["pipeline"], r["workers"], r["step_ms"]), {})[r.get("round", 0)] = r["samples_per_s"]
-    out = []
-    for (name, workers, step_ms), own in rates.items():
-        if not name.startswith("streamseg"):
-            continue
-        row: dict[str, Any] = {"pipeline": name, "workers": workers, "step_ms": step_ms,
-                               "samples_per_s": statistics.median(own.values()), "rounds": len(own)}
-        same = tuple(p for p in peers_names if backends.get(p) == backends.get(name))
-        for key, pool in (("best_peer", peers_names), ("best_same_backend", same)):
-            cand = {p: rates[(p, workers, step_ms)] for p in pool if (p, workers, step_ms) in rates}
-            best = max(cand, key=lambda p: statistics.median(cand[p].values()), default=None)
-            ratios = sorted(own[k] / cand[best][k] for k in own if best and k in cand[best])
-            row[key] = None if best is None else {
-                "pipeline": best, "samples_per_s": statistics.median(cand[best].values()),
-                "ratio_min_median_max": [ratios[0], statistics.median(ratios), ratios[-1]] if ratios else None}
-        out.append(row)
-    return out
-
-
-def _summary_table(rows: list[dict[str, Any]]) -> list[list[str]]:
-    table = [["streamseg", "workers", "step ms", "samples/s (median)", "best peer", "peer samples/s",
-              "streamseg/peer min/med/max", "best same-backend peer", "peer samples/s", "streamseg/peer min/med/max"]]
-    for r in rows:
-        cells = [r["pipeline"], str(r["workers"]), f"{r['step_ms']:g}", f"{r['samples_per_s']:.1f}"]
-        for key in ("best_peer", "best_same_backend"):
-            b = r[key]
-            q = b["ratio_min_median_max"] if b else None
-            cells += [b["pipeline"], f"{b['samples_per_s']:.1f}", "/".join(f"{v:.2f}" for v in q) + "x"] if q \
-                else ["-", "-", "-"]
-        table.append(cells)
-    return table
-
-
-def _table(runs: list[dict[str, Any]], aug_ms: dict[str, float] | None = None) -> list[list[str]]:
-    def num(v: Any, fmt: str) -> str:
-        return format(v, fmt) if isinstance(v, (int, float)) else "-"
-
-    aug_ms = aug_ms or {}
-    rows = [["pipeline", "round", "workers", "step ms", "samples/s", "aug ms/sample (1 thread)", "stall",
-             "USS+PSS MiB", "anon PSS MiB", "vs best peer", "vs zarr baseline", "status"]]
-    for r in runs:
-        ok = r["status"] == "ok"
-        mem = r.get("memory", {})
-        kind = _augment_kind(r["pipeline"])
-        rows.append([r["pipeline"], str(r.get("round", 0)), str(r["workers"]), f"{r['step_ms']:g}",
-                     num(r.get("samples_per_s"), ".1f") if ok else "-",
-                     num(aug_ms.get(kind), ".2f") + f" ({kind})",
-                     num(r.get("stall_fraction"), ".2f") if ok and r["step_ms"] > 0 else "-",
-                     num(mem.get("private", 0) / 2**20, ".0f") if ok else "-",
-                     num(mem.get("tree_anon_pss", 0) / 2**20, ".0f") if ok else "-",
-                     num(r.get("vs_best_peer"), ".2f") + ("x" if r.get("vs_best_peer") else ""),
-                     num(r.get("vs_zarr_baseline"), ".2f") + ("x" if r.get("vs_zarr_baseline") else ""),
-                     ("ok" + (f" ({r['exit_note']})" if r.get("exit_note") else "")) if ok
-                     else (r.get("reason") or r.get("error") or r["status"])[:90]])
-    return rows
-
-
-def _print_table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
-
-
-def _markdown(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    return "\n".join(lines + ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows[1:]])
-
-
-def _plot(runs: list[dict[str, Any]], labels: dict[str, str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    speeds = sorted({r["step_ms"] for r in runs})
-    fig, axes = plt.subplots(1, len(speeds), figsize=(6.5 * len(speeds), 4.5), squeeze=False)
-    for ax, speed in zip(axes[0], speeds):
-        for name in dict.fromkeys(r["pipeline"] for r in runs):
-            by_w: dict[int, list[float]] = {}
-            for r in runs:
-                if r["pipeline"] == name and r["step_ms"] == speed and r["status"] == "ok":
-                    by_w.setdefault(r["workers"], []).append(r["samples_per_s"])
-            pts = sorted((w, statistics.median(v)) for w, v in by_w.items())  # median over rounds
-            failed = [r for r in runs if r["pipeline"] == name and r["step_ms"] == speed and r["status"] != "ok"]
-            label = labels.get(name, name) + (f" ({failed[0]['status']})" if failed else "")
-            style = "-o" if name.startswith("streamseg") else "--s"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
-        ax.set_title(f"consumer: simulated accelerator, {speed:g} ms/batch" if speed else "raw pipeline capacity "
-                     "(step 0 ms)")
-        ax.set_xlabel("workers")
-        ax.set_ylabel("samples/s")
-        ax.set_xticks(sorted({r["workers"] for r in runs}))
-        ax.grid(alpha=0.3)
-        ax.set_ylim(bottom=0)
-    axes[0][-1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for mod in ("numpy", "zarr", "cv2", "tensorflow", "keras", "streamseg"):
@@ -504,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         outcome = run_one(spec, args.timeout)
         run = {"pipeline": name, "label": peers.LABELS[name], "round": rnd, "workers": workers,
-               "step_ms": step_ms, "augment": _augment_kind(name), "augment_ms_per_sample": aug_ms.get(_augment_kind(name)),
+               "step_ms": step_ms, "augment": augment_kind(name), "augment_ms_per_sample": aug_ms.get(augment_kind(name)),
                "status": outcome["status"], "seconds": time.perf_counter() - t0, "loadavg_1min": load}
         if outcome["status"] == "ok":
             run.update(outcome["result"], build_s=outcome.get("build_s"), page_cache=outcome.get("page_cache"))
@@ -515,9 +388,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{run['samples_per_s']:.1f} samples/s" if run["status"] == "ok"
               else f"{run['status']}: {run.get('reason') or run.get('error')}", flush=True)
     summarise(runs, peers.PEERS)
-    rows = _table(runs, aug_ms)
+    rows = run_table(runs, aug_ms)
     summary = summary_rows(runs, peers.PEERS, peers.BACKENDS)
-    srows = _summary_table(summary)
+    srows = summary_table(summary)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     vm = psutil.virtual_memory()
@@ -528,15 +401,15 @@ def main(argv: list[str] | None = None) -> int:
               "augment_ms_per_sample": aug_ms, "summary": summary,
               "total_s": time.perf_counter() - t_start, "runs": runs}
     out.write_text(json.dumps(report, indent=1, default=str))
-    out.with_suffix(".md").write_text(_markdown(rows) + "\n\n" + _markdown(srows) + "\n")
+    out.with_suffix(".md").write_text(markdown_table(rows) + "\n\n" + markdown_table(srows) + "\n")
     try:
-        _plot(runs, peers.LABELS, out.with_suffix(".png"))
+        plot(runs, peers.LABELS, out.with_suffix(".png"))
     except ImportError as exc:  # matplotlib is optional
         print(f"[plot] skipped: {exc}")
     print()
-    print(_print_table(rows))
+    print(text_table(rows))
     print()
-    print(_print_table(srows))
+    print(text_table(srows))
     print(f"\nwrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')} "
           f"({report['total_s']:.0f} s in all)")
     return 0

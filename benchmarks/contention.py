@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -41,28 +39,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import timeline  # noqa: E402  (benchmarks/ on the path first)
 
-__all__ = ["CASES", "main", "pinned_hog", "run_case", "summarise"]
+__all__ = ["CASES", "main", "run_case", "summarise"]
 CASES = ("quiet", "hogs", "pinned_quiet", "pinned_hog_full", "pinned_hog_duty")
-
-
-def pinned_hog(cpu: int, duty: float, stop: Any, seed: int, ready: Any) -> None:
-    """timeline.py's hog, confined to ``cpu``."""
-    os.sched_setaffinity(0, {cpu})
-    timeline._hog(duty, stop, seed, ready)
-
-
-def _beside_pinned_hog(cpu: int, duty: float, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    ctx = mp.get_context("spawn")
-    stop, ready = ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=pinned_hog, args=(cpu, duty, stop, 0, ready), daemon=True)
-    proc.start()
-    ready.wait(60)
-    time.sleep(0.5)
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        stop.set()
-        proc.join(5)
 
 
 def run_case(case: str, store: str, *, duty: float, step_s: float, epochs: int, warmup: int) -> dict[str, Any]:
@@ -77,8 +55,8 @@ def run_case(case: str, store: str, *, duty: float, step_s: float, epochs: int, 
         elif case == "hogs":
             tl = timeline.beside_hogs(len(every), duty, timeline.floor_run, store, **common)
         else:
-            tl = _beside_pinned_hog(1, 1.0 if case == "pinned_hog_full" else duty, timeline.floor_run, store,
-                                    **common)
+            tl = timeline.beside_hogs(1, 1.0 if case == "pinned_hog_full" else duty, timeline.floor_run, store,
+                                      cpus=[1], **common)
     finally:
         os.sched_setaffinity(0, every)
     a = timeline.analyse(tl, warmup)

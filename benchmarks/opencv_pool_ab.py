@@ -50,11 +50,6 @@ def child(variant: str, backend: str, *, data: str, count: int, workers: int, st
             "samples_per_s": r["samples_per_s"], "cpu_percent": r["cpu_percent"], "stall": r["stall_fraction"]}
 
 
-def _median(xs: list[float]) -> float:
-    s = sorted(xs)
-    return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=str(ROOT / "bench_data"))
@@ -89,16 +84,10 @@ def main(argv: list[str] | None = None) -> int:
                                                              "error": proc.stderr[-800:]}
                 rows.append({"round": r, **rec})
                 print(json.dumps(rows[-1]), flush=True)
-    summary: dict[str, dict] = {}
-    for backend in args.backends:
-        ratios = []
-        for r in range(args.rounds):
-            got = {x["variant"]: x.get("samples_per_s") for x in rows if x["round"] == r and x["backend"] == backend}
-            if got.get("pool") and got.get("sequential"):
-                ratios.append(got["pool"] / got["sequential"])
-        if ratios:
-            summary[backend] = {"pool_over_sequential": ratios,
-                                "min_median_max": [min(ratios), _median(ratios), max(ratios)]}
+    from ab import paired_ratios
+
+    summary = paired_ratios(rows, args.backends, lambda x: x["backend"], lambda x: x["variant"], "pool",
+                            "sequential")  # {backend: {"ratios": pool / sequential per round, ...}}
     print(json.dumps(summary))
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "runs": rows, "summary": summary}, indent=1))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -50,17 +49,10 @@ def main(argv: list[str] | None = None) -> int:
                              "status": got["status"], "samples_per_s": res.get("samples_per_s"),
                              "step_ms_max": res.get("step_ms_max"), "error": got.get("error")})
                 print(json.dumps(rows[-1]), flush=True)
-    summary = {}
-    for name in args.pipelines:
-        ratios = []
-        for r in range(args.rounds):
-            got = {x["page_cache"]["policy"]: x["samples_per_s"] for x in rows
-                   if x["round"] == r and x["pipeline"] == name and x["status"] == "ok"}
-            if len(got) == 2:
-                ratios.append(got["warm"] / got["cold"])
-        if ratios:
-            summary[name] = {"warm_over_cold": ratios,
-                             "min_median_max": [min(ratios), statistics.median(ratios), max(ratios)]}
+    from ab import paired_ratios
+
+    summary = paired_ratios(rows, args.pipelines, lambda x: x["pipeline"],
+                            lambda x: (x["page_cache"] or {}).get("policy"), "warm", "cold")  # warm / cold
     print(json.dumps(summary))
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "runs": rows, "summary": summary}, indent=1))

@@ -225,10 +225,12 @@ def stall_within_epochs(res: dict[str, Any], floor: dict[str, Any]) -> float:
     return max(0.0, (res["gap_s_inner_total"] - own) / res["wall_s"])
 
 
-def _hog(duty: float, stop: Any, seed: int, ready: Any) -> None:
+def _hog(duty: float, stop: Any, seed: int, ready: Any, cpu: int | None = None) -> None:
     """Burn one core ``duty`` of the time until ``stop`` is set, in periods of 10-30 ms drawn
     at random (a fixed period would keep the hogs in step with each other and beat against
-    the consumer's step)."""
+    the consumer's step); confined to ``cpu`` when given."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     rng = np.random.default_rng(seed)
     ready.set()
     while not stop.is_set():
@@ -239,14 +241,16 @@ def _hog(duty: float, stop: Any, seed: int, ready: Any) -> None:
         time.sleep(max(0.0, (1.0 - duty) * period))
 
 
-def beside_hogs(hogs: int, duty: float, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)`` while ``hogs`` processes each keep a core ``duty`` busy."""
+def beside_hogs(hogs: int, duty: float, fn: Any, *args: Any, cpus: list[int] | None = None, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` while ``hogs`` processes each keep a core ``duty`` busy (hog ``k``
+    confined to ``cpus[k]`` when ``cpus`` is given)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
     ready = [ctx.Event() for _ in range(hogs)]
-    procs = [ctx.Process(target=_hog, args=(duty, stop, seed, ready[seed]), daemon=True) for seed in range(hogs)]
+    procs = [ctx.Process(target=_hog, args=(duty, stop, seed, ready[seed], cpus[seed] if cpus else None),
+                         daemon=True) for seed in range(hogs)]
     for proc in procs:
         proc.start()
     for event in ready:  # a spawned hog imports this module first: a CPU burst of its own

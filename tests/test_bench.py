@@ -117,6 +117,7 @@ def test_measure_fit_same_harness_for_tf_data_and_pydataset():
     r = measure_fit(ds, step_ms=1.0, steps=4, warmup=1)
     check_common(r, steps=4)
     assert r["batches_per_epoch"] == 3 and r["compute_s"] == 4 * 1.0 / 1000.0
+    assert r["memory"]["full_samples"] >= 3  # start, right after the timed steps, stop
 
     class Plain(keras.utils.PyDataset):
         def __len__(self) -> int:
@@ -257,3 +258,22 @@ def test_pagecache_warm_and_evict_cover_every_file_of_a_store(tmp_path, monkeypa
     assert pagecache.warm([str(store), str(single)])["bytes"] == expected
     assert pagecache.evict([str(store), str(single)])["bytes"] == expected
     assert pagecache.warm([str(tmp_path / "missing")])["bytes"] == 0
+
+
+def test_ab_paired_ratios_pair_variants_within_each_round(monkeypatch):
+    """benchmarks/ab.py: a / b only within a round where both ran; failed runs and other groups
+    are left out; min / median / max over the rounds."""
+    import importlib.util
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ab.py"
+    spec = importlib.util.spec_from_file_location("_ab_under_test", path)
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    rows = [{"round": 0, "g": "x", "v": "a", "rate": 30.0}, {"round": 0, "g": "x", "v": "b", "rate": 10.0},
+            {"round": 1, "g": "x", "v": "b", "rate": 20.0}, {"round": 1, "g": "x", "v": "a", "rate": 20.0},
+            {"round": 2, "g": "x", "v": "a", "rate": None}, {"round": 2, "g": "x", "v": "b", "rate": 5.0},
+            {"round": 3, "g": "x", "v": "b", "rate": 10.0}, {"round": 3, "g": "x", "v": "a", "rate": 15.0},
+            {"round": 0, "g": "y", "v": "a", "rate": 1.0}]
+    got = ab.paired_ratios(rows, ["x", "y"], lambda r: r["g"], lambda r: r["v"], "a", "b", value="rate")
+    assert got == {"x": {"ratios": [3.0, 1.0, 1.5], "min_median_max": [1.0, 1.5, 3.0]}}

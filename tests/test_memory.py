@@ -45,3 +45,34 @@ def test_light_snapshot_and_sampler_peaks():
     assert out["samples"] >= 8
     assert out["peak"]["uss"] > 0 and out["peak"]["rss_anon"] >= 16 * 2**20
     assert smaps_rollup(-1) == {}  # no such process: empty, no exception
+
+
+@linux
+def test_sampler_takes_no_full_sample_while_held(monkeypatch):
+    """Between hold_full and release_full only cheap samples are taken (a timed stretch pays
+    no page-table walks); release_full takes one at once."""
+    import streamseg.bench.memory as memory
+
+    kinds = []
+    real = memory.memory_snapshot
+
+    def spy(proc=None, rollups=None, full=True):
+        kinds.append(full)
+        return real(proc, rollups, full=full)
+
+    monkeypatch.setattr(memory, "memory_snapshot", spy)
+    sampler = MemorySampler(interval=0.005, full_every=2).start()
+    assert kinds == [True]  # start: one full sample
+    sampler.hold_full()
+    held_from = len(kinds) + 1  # a sample decided just before the hold may still be on its way
+    while len(kinds) < held_from + 10:
+        time.sleep(0.005)
+    held = kinds[held_from:held_from + 10]
+    sampler.release_full()
+    released_at = len(kinds)
+    while len(kinds) < released_at + 6:
+        time.sleep(0.005)
+    out = sampler.stop()
+    assert held == [False] * 10, held
+    assert True in kinds[released_at - 1:released_at + 6]  # release_full's own, and periodic ones again
+    assert out["full_samples"] == sum(kinds) and out["samples"] == len(kinds)

@@ -17,7 +17,9 @@ a warm-up, from the end of the last warm-up step to the end of the last measured
   (same loop, same callback, median of up to 20 steps) and ``stall = overhead_fraction =
   1 - compute / wall``.  Clipped to [0, 1].  With ``step_ms=0`` both are 1 by definition:
   samples/s is then the pipeline's raw capacity;
-- **memory** peaks through the run (:class:`streamseg.bench.memory.MemorySampler`): main USS, RssAnon
+- **memory** peaks through the run (:class:`streamseg.bench.memory.MemorySampler`; USS and PSS,
+  which walk every process's page tables, outside the timed steps and right after them, RSS,
+  RssAnon and RssFile throughout): main USS, RssAnon
   and RssFile (file-backed pages such as memory-mapped store files, which the kernel can drop)
   apart, the workers' summed PSS, ``private`` = main USS + workers' PSS, ``tree_pss`` = main PSS
   + workers' PSS, and ``tree_anon_pss`` = Pss_Anon + Pss_Shmem summed over main and workers, i.e.
@@ -105,17 +107,23 @@ def simulated_accelerator(step_ms: float) -> Any:
     return model
 
 
-def _timer_callback(warmup: int, steps: int, stop: bool) -> Any:
+def _timer_callback(warmup: int, steps: int, stop: bool, sampler: MemorySampler | None = None) -> Any:
     import keras
 
     class StepTimer(keras.callbacks.Callback):
-        """Timestamps the steps after the warm-up; turns the simulated compute off after them."""
+        """Timestamps the steps after the warm-up; turns the simulated compute off after them.
+
+        With ``sampler``, the memory sampler takes only cheap samples during the timed steps and
+        a full one (page-table walks of every process) right after them.
+        """
 
         def __init__(self) -> None:
             super().__init__()
             self.done, self.t0, self.times, self.cpu = 0, None, [], []
 
         def _mark(self) -> float:
+            if sampler is not None:
+                sampler.hold_full()
             self.cpu.append(psutil.cpu_times())
             return time.perf_counter()
 
@@ -132,6 +140,8 @@ def _timer_callback(warmup: int, steps: int, stop: bool) -> Any:
                 self.times.append(time.perf_counter())
             if self.done == warmup + steps:
                 self.cpu.append(psutil.cpu_times())
+                if sampler is not None:
+                    sampler.release_full()
                 getattr(self.model, "sleep_switch", {})["on"] = False
                 self.model.stop_training = stop
 
@@ -192,9 +202,7 @@ class _TreeSampler(MemorySampler):
         anon = sum(r.get("Pss_Anon", 0) + r.get("Pss_Shmem", 0) for r in rollups.values())
         snap.update(pss=main.get("Pss", 0), private=snap["uss"] + snap["children_pss"],
                     tree_pss=main.get("Pss", 0) + snap["children_pss"], tree_anon_pss=anon)
-        for k, v in snap.items():
-            self.peaks[k] = max(self.peaks.get(k, 0), v)
-        self.samples += 1
+        self._record(snap, True)
 
 
 class _GpuSampler(threading.Thread):
@@ -258,10 +266,10 @@ def _check_int(name: str, value: Any, low: int) -> int:
 
 
 def _run_fit(model: Any, dataset: Any, warmup: int, steps: int, n_batches: int | None,
-             finish_epoch: bool = True) -> Any:
+             finish_epoch: bool = True, sampler: MemorySampler | None = None) -> Any:
     """Fit until ``warmup + steps`` steps are timed, then stop, or with ``finish_epoch`` let the
     last epoch end untimed (the simulated accelerator no longer sleeps then)."""
-    timer = _timer_callback(warmup, steps, stop=not finish_epoch)
+    timer = _timer_callback(warmup, steps, stop=not finish_epoch, sampler=sampler)
     total = warmup + steps
     if n_batches:
         model.fit(dataset, epochs=-(-total // n_batches), shuffle=False, verbose=0, callbacks=[timer])
@@ -355,7 +363,7 @@ def measure_fit(dataset: Any, *, model: Any = "simulated", step_ms: float = 20.0
         finish_epoch = kind == "simulated" or isinstance(dataset, tf.data.Dataset)
     gpu, sampler = _GpuSampler().begin(), _TreeSampler(sample_interval, full_every=4).start()
     try:
-        timer = _run_fit(keras_model, dataset, warmup, steps, n_batches, bool(finish_epoch))
+        timer = _run_fit(keras_model, dataset, warmup, steps, n_batches, bool(finish_epoch), sampler)
     finally:
         mem, gpu_out = sampler.stop(), gpu.finish()
     wall = timer.times[-1] - timer.t0
@@ -381,7 +389,8 @@ def measure_fit(dataset: Any, *, model: Any = "simulated", step_ms: float = 20.0
         "step_ms_max": float(steps_s.max()),
         "cpu_percent": min(100.0, max(0.0, 100.0 * (total_cpu - idle) / total_cpu)) if total_cpu > 0 else 0.0,
         "cpu_count": psutil.cpu_count() or 1,
-        "memory": {**{k: int(peak.get(v, 0)) for k, v in names.items()}, "samples": mem["samples"]},
+        "memory": {**{k: int(peak.get(v, 0)) for k, v in names.items()}, "samples": mem["samples"],
+                   "full_samples": mem["full_samples"]},
         **gpu_out,
     }
 

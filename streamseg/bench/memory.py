@@ -102,7 +102,8 @@ class MemorySampler:
         Seconds between samples of ``rss``, ``rss_anon`` and ``rss_file`` (cheap).
     full_every : int
         Every this many samples (and at start and stop) a full one, with USS and the
-        children's PSS, which costs the sampled processes some kernel time.
+        children's PSS, which costs the sampled processes some kernel time.  Between
+        :meth:`hold_full` and :meth:`release_full` only cheap samples are taken.
     """
 
     def __init__(self, interval: float = 0.25, full_every: int = 8) -> None:
@@ -110,22 +111,46 @@ class MemorySampler:
         self.full_every = max(1, int(full_every))
         self.peaks: dict[str, int] = {}
         self.samples = 0
+        self.full_samples = 0
         self.cpu_percent: float | None = None
         self._stop = threading.Event()
+        self._full_ok = threading.Event()
+        self._full_ok.set()
+        self._lock = threading.Lock()  # the sampling thread and hold/release both take samples
         self._thread: threading.Thread | None = None
         self._proc = psutil.Process()
 
     def _take(self, full: bool = True) -> None:
-        snap = memory_snapshot(self._proc, full=full)
-        for k, v in snap.items():
-            self.peaks[k] = max(self.peaks.get(k, 0), v)
-        self.samples += 1
+        self._record(memory_snapshot(self._proc, full=full), full)
+
+    def _record(self, snap: dict[str, int], full: bool) -> None:
+        with self._lock:
+            for k, v in snap.items():
+                self.peaks[k] = max(self.peaks.get(k, 0), v)
+            self.samples += 1
+            self.full_samples += bool(full)
 
     def _run(self) -> None:
         tick = 0
         while not self._stop.wait(self.interval):
             tick += 1
-            self._take(full=tick % self.full_every == 0)
+            self._take(full=tick % self.full_every == 0 and self._full_ok.is_set())
+
+    def hold_full(self) -> None:
+        """Take only cheap samples from now until :meth:`release_full`.
+
+        For a timed stretch: a full sample walks the page tables of every sampled process
+        (~15 ms of kernel time each, more with large file mappings), CPU that a small machine
+        takes from the work being timed, and more of it the more processes a pipeline has.
+        (No full sample is taken here: a pause of the caller just before the timing would let a
+        pipeline fill its buffers and start the timed stretch ahead.)
+        """
+        self._full_ok.clear()
+
+    def release_full(self) -> None:
+        """Take a full sample now and let the periodic full samples resume."""
+        self._full_ok.set()
+        self._take(full=True)
 
     def start(self) -> "MemorySampler":
         """Start sampling."""
@@ -143,7 +168,8 @@ class MemorySampler:
             self._thread.join()
         self._take()
         self.cpu_percent = psutil.cpu_percent(None)
-        return {"peak": dict(self.peaks), "samples": self.samples, "cpu_percent": self.cpu_percent}
+        return {"peak": dict(self.peaks), "samples": self.samples, "full_samples": self.full_samples,
+                "cpu_percent": self.cpu_percent}
 
     def __enter__(self) -> "MemorySampler":
         return self.start()
