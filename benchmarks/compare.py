@@ -257,18 +257,22 @@ def _child(spec: dict[str, Any]) -> int:
     return 0
 
 
-def run_one(spec: dict[str, Any], timeout: float, exit_grace: float = 30.0) -> dict[str, Any]:
+def run_one(spec: dict[str, Any], timeout: float, exit_grace: float = 30.0, tree: str | None = None
+            ) -> dict[str, Any]:
     """Run one measurement in a fresh subprocess (its own session, so killing it kills its workers).
 
     A child that wrote its result but does not exit within ``exit_grace`` seconds is killed and
-    the hang is recorded next to the result (``exit_note``).
+    the hang is recorded next to the result (``exit_note``).  ``tree``: another checkout of
+    streamseg whose ``benchmarks/compare.py`` and package run the measurement (a code A/B).
     """
+    root = Path(tree) if tree else ROOT
     with tempfile.TemporaryDirectory(prefix="streamseg-compare-") as tmp:
         out, log = os.path.join(tmp, "out.json"), os.path.join(tmp, "log.txt")
         spec = {**spec, "out": out, "timeout": timeout}
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(root)}
+        script = str(root / "benchmarks" / "compare.py")
         with open(log, "w") as fh:
-            proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], env=env, stdout=fh,
+            proc = subprocess.Popen([sys.executable, script, "--child", json.dumps(spec)], env=env, stdout=fh,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         deadline, exit_deadline, note = time.monotonic() + timeout, None, None
         while proc.poll() is None:

@@ -270,3 +270,62 @@ def test_inline_reads_decode_each_chunk_once_per_epoch(arrays_store, backend, mo
         if epoch == 0:
             assert sorted(calls) == list(range(6))  # (later epochs find some still cached)
     ds.close()
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_iter_samples_yields_every_requested_sample_once_as_read_does(arrays_store, verify):
+    """Store.iter_samples: each position of the request once (repeats and any order included),
+    the same bytes as read(), views that the next item does not overwrite before it is used."""
+    store, images, masks = arrays_store
+    store = Store(store.path, verify_reads=verify)
+    idx = np.array([5, 0, 22, 5, 9, 8, 13, 1, 21], np.int64)
+    want_i, want_m = store.read(idx)
+    seen = []
+    for j, image, mask in store.iter_samples(idx):
+        np.testing.assert_array_equal(image, images[idx[j]])
+        np.testing.assert_array_equal(mask.reshape(masks.shape[1:]), masks[idx[j]])
+        np.testing.assert_array_equal(image, want_i[j])
+        np.testing.assert_array_equal(mask, want_m[j])
+        seen.append(j)
+    assert sorted(seen) == list(range(idx.size))
+    if not (verify and store.backend == "memmap"):  # checked memmap reads go through read()
+        assert seen == sorted(seen, key=lambda j: (idx[j], j))  # storage order: each chunk once
+    assert list(store.iter_samples(np.array([], np.int64))) == []
+    wrapped = Store.from_arrays(images, masks)
+    assert [j for j, *_ in wrapped.iter_samples(idx)] == list(range(idx.size))
+
+
+def test_streamed_batches_equal_batches_made_from_a_read_copy(arrays_store):
+    """The fused path reading straight from the store (iter_samples) makes the same batches,
+    bit for bit, as the same producer on a copy of the batch (a store without iter_samples)."""
+    from streamseg.pipeline.batches import BatchProducer
+
+    store, _, _ = arrays_store
+
+    class CopyOnly:  # the store's read, nothing else: the producer's read-then-augment path
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            if name == "iter_samples":
+                raise AttributeError(name)
+            return getattr(self.inner, name)
+
+    ds = SegmentationDataset(store, 7, augment="standard", seed=3, workers=0, num_classes=5)
+    outs = []
+    for s in (store, CopyOnly(store)):
+        producer = BatchProducer(s, ds.options)
+        got = []
+        for epoch in (0, 1):
+            for k in range(len(ds)):
+                idx = ds.batch_indices(k, epoch)
+                (ishape, idt), (mshape, mdt) = ds.options.image_spec(7, 16, 20, 3), ds.options.mask_spec(7, 16, 20)
+                out = {"images": np.full(ishape, np.nan, idt), "masks": np.zeros(mshape, mdt)}
+                n = producer.produce((epoch, idx), out)
+                got.append((out["images"][:n].copy(), out["masks"][:n].copy()))
+        outs.append(got)
+    assert len(outs[0]) == 2 * len(ds)
+    for (xa, ya), (xb, yb) in zip(*outs):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+        assert np.isfinite(xa).all()

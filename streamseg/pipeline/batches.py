@@ -211,6 +211,10 @@ class BatchProducer:
         epoch, idx = task
         n = len(idx)
         opts = self.options
+        store, aug = self.store, opts.augment
+        if (aug is not None and not opts.normalize_first and hasattr(store, "iter_samples")
+                and fusable(aug, store.image_dtype, store.image_shape[-1])):
+            return self._produce_streamed(epoch, idx, out)
         raw_images, raw_masks = self.store.read(idx)
         self._check_labels(idx, raw_masks)
         images, masks = out["images"], out["masks"]
@@ -240,6 +244,21 @@ class BatchProducer:
                 img, msk = aug(raw_images[j], raw_masks[j], rng, value_range=opts.value_range)
                 normalize_into(img, images[j], opts.image_offset, opts.image_scale)
                 label_src[j] = msk
+        self._encode_masks(label_src, masks[:n])
+        return n
+
+    def _produce_streamed(self, epoch: int, idx: np.ndarray, out: dict[str, np.ndarray]) -> int:
+        """The fused path sample by sample, straight from the store's memory map or decoded
+        chunk (:meth:`Store.iter_samples`): no copy of the batch's raw images first."""
+        opts, store, n = self.options, self.store, len(idx)
+        images, masks = out["images"], out["masks"]
+        h, w, _ = store.image_shape
+        label_src = np.empty((n, h, w, 1), store.mask_dtype)
+        uniform = uniform_pair(opts.image_offset, opts.image_scale)
+        for j, image, mask in store.iter_samples(idx):
+            self._check_labels(idx[j:j + 1], mask[None])
+            label_src[j] = augment_into(opts.augment, image, mask, sample_rng(opts.seed, epoch, idx[j]), images[j],
+                                        opts.image_offset, opts.image_scale, opts.value_range, uniform=uniform)
         self._encode_masks(label_src, masks[:n])
         return n
 

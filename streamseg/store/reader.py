@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -315,6 +315,40 @@ class Store:
     def read_into(self, indices: np.ndarray, images: np.ndarray, masks: np.ndarray) -> None:
         """Like :meth:`read`, but write into preallocated ``images`` and ``masks``."""
         self._read_checked(_as_index_array(indices, len(self)), images, masks)
+
+    def iter_samples(self, indices: Sequence[int] | np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Yield ``(j, image, mask)`` for sample ``indices[j]``, every ``j`` once.
+
+        Without copies where it can, in storage order: views into the memory map or into the
+        decoded chunk, valid until the next item, read-only (copy what you keep).  Reads that
+        are checked sample by sample (``verify_reads`` on memmap) and wrapped arrays go through
+        :meth:`read`, in request order.  Checks and errors as :meth:`read`.
+        """
+        idx = _as_index_array(indices, len(self))
+        verifier = self._verifier()
+        if idx.size == 0:
+            return
+        if self.backend == "arrays" or (self.backend == "memmap" and verifier is not None):
+            images, masks = self.read(idx)
+            yield from ((j, images[j], masks[j]) for j in range(idx.size))
+            return
+        order = np.argsort(idx, kind="stable")
+        sorted_idx = idx[order]
+        if self.backend == "memmap":
+            src_i, src_m = self._array("images"), self._array("masks")
+            for i, j in zip(sorted_idx.tolist(), order.tolist()):
+                yield j, src_i[i], src_m[i]
+            return
+        check = verifier.check_chunk_file if verifier is not None else None
+        csize, (h, w, c) = self.chunk_samples, self.image_shape
+        chunk_of = sorted_idx // csize
+        starts = np.concatenate(([0], np.flatnonzero(np.diff(chunk_of)) + 1, [idx.size]))
+        for a, b in zip(starts[:-1], starts[1:]):
+            k = int(chunk_of[a])
+            ci = self.chunk_reader("images").read_chunk(k, reuse=True, check=check)
+            cm = self.chunk_reader("masks").read_chunk(k, reuse=True, check=check)
+            for j, q in zip(order[a:b].tolist(), (sorted_idx[a:b] - k * csize).tolist()):
+                yield j, ci[q].reshape(h, w, c), cm[q].reshape(h, w, 1)
 
     def _read_checked(self, idx: np.ndarray, images: np.ndarray, masks: np.ndarray) -> None:
         if idx.size == 0:

@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +253,11 @@ class RemoteStore(Store):
         if not 0 <= k < self.num_chunks:
             raise IndexError(f"Chunk {k} is out of range for {self.num_chunks} chunks.")
         return self._with_chunks([k], (name,), lambda: Store.read_chunk(self, name, k))
+
+    def iter_samples(self, indices: Any) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """As :meth:`Store.iter_samples`, through :meth:`read` (chunks fetched into the mirror first)."""
+        images, masks = self.read(indices)
+        yield from ((j, images[j], masks[j]) for j in range(len(images)))
 
     def _read_checked(self, idx: np.ndarray, images: np.ndarray, masks: np.ndarray) -> None:
         if idx.size == 0:
