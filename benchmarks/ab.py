@@ -6,10 +6,27 @@ reports ``a / b`` of a rate within each round, so that the machine's slow drift 
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
+from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["paired_ratios"]
+__all__ = ["paired_ratios", "run_child", "report"]
+
+
+def run_child(cmd: list[str], env: dict[str, str], record: dict[str, Any]) -> dict[str, Any]:
+    """Run one measurement child; its last ``RESULT {json}`` line, or ``record`` with the error."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    return json.loads(line[-1][7:]) if line else {**record, "error": proc.stderr[-800:]}
+
+
+def report(args: Any, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """Print the summary; with ``args.out``, write the arguments, every run and the summary there."""
+    print(json.dumps(summary))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "runs": rows, "summary": summary}, indent=1))
 
 
 def paired_ratios(rows: list[dict[str, Any]], groups: list[str], group_of: Callable[[dict[str, Any]], str],

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (other / "benchmarks" / "compare.py").is_file() or not (other / "streamseg").is_dir():
         p.error(f"--against must be a streamseg checkout (with benchmarks/compare.py). Received: {other}")
     import compare
-    from ab import paired_ratios
+    from ab import paired_ratios, report
 
     data = compare.prepare_data(args.data, args.count)
     trees = {"this": None, "other": str(other)}
@@ -58,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                              "error": got.get("error")})
                 print(json.dumps(rows[-1]), flush=True)
     summary = paired_ratios(rows, args.pipelines, lambda x: x["pipeline"], lambda x: x["variant"], "this", "other")
-    print(json.dumps(summary))
-    if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "runs": rows, "summary": summary}, indent=1))
+    report(args, rows, summary)
     return 0
 
 

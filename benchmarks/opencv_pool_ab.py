@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -69,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print("RESULT " + json.dumps(child(*args.child, **opts)), flush=True)
         return 0
+    from ab import paired_ratios, report, run_child
     from compare import prepare_stores
 
     prepare_stores(args.data, args.count, formats=tuple(args.backends))  # built once, outside the timing
@@ -78,19 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         for backend in args.backends:
             for variant in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
-                proc = subprocess.run([*base, "--child", variant, backend], capture_output=True, text=True, env=env)
-                line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-                rec = json.loads(line[-1][7:]) if line else {"variant": variant, "backend": backend,
-                                                             "error": proc.stderr[-800:]}
+                rec = run_child([*base, "--child", variant, backend], env, {"variant": variant, "backend": backend})
                 rows.append({"round": r, **rec})
                 print(json.dumps(rows[-1]), flush=True)
-    from ab import paired_ratios
-
     summary = paired_ratios(rows, args.backends, lambda x: x["backend"], lambda x: x["variant"], "pool",
                             "sequential")  # {backend: {"ratios": pool / sequential per round, ...}}
-    print(json.dumps(summary))
-    if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "runs": rows, "summary": summary}, indent=1))
+    report(args, rows, summary)
     return 0
 
 

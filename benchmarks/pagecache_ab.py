@@ -49,13 +49,11 @@ def main(argv: list[str] | None = None) -> int:
                              "status": got["status"], "samples_per_s": res.get("samples_per_s"),
                              "step_ms_max": res.get("step_ms_max"), "error": got.get("error")})
                 print(json.dumps(rows[-1]), flush=True)
-    from ab import paired_ratios
+    from ab import paired_ratios, report
 
     summary = paired_ratios(rows, args.pipelines, lambda x: x["pipeline"],
                             lambda x: (x["page_cache"] or {}).get("policy"), "warm", "cold")  # warm / cold
-    print(json.dumps(summary))
-    if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "runs": rows, "summary": summary}, indent=1))
+    report(args, rows, summary)
     return 0
 
 

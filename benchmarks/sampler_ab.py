@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(child(*args.child, **opts)), flush=True)
         return 0
     import compare
-    from ab import paired_ratios
+    from ab import paired_ratios, report, run_child
 
     compare.prepare_data(args.data, args.count)  # built once, outside the timing
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
@@ -83,17 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         for name in (args.pipelines if r % 2 == 0 else args.pipelines[::-1]):
             for variant in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
-                proc = subprocess.run([*base, "--child", variant, name], capture_output=True, text=True, env=env)
-                line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-                rec = json.loads(line[-1][7:]) if line else {"variant": variant, "pipeline": name,
-                                                             "error": proc.stderr[-800:]}
+                rec = run_child([*base, "--child", variant, name], env, {"variant": variant, "pipeline": name})
                 rows.append({"round": r, **rec})
                 print(json.dumps(rows[-1]), flush=True)
     summary = paired_ratios(rows, args.pipelines, lambda x: x["pipeline"], lambda x: x["variant"], "held",
                             "throughout")
-    print(json.dumps(summary))
-    if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "runs": rows, "summary": summary}, indent=1))
+    report(args, rows, summary)
     return 0
 
 
