@@ -288,8 +288,10 @@ def test_iter_samples_yields_every_requested_sample_once_as_read_does(arrays_sto
         np.testing.assert_array_equal(mask, want_m[j])
         seen.append(j)
     assert sorted(seen) == list(range(idx.size))
-    if not (verify and store.backend == "memmap"):  # checked memmap reads go through read()
+    if not (verify and store.backend == "memmap"):  # first (checking) memmap reads go through read()
         assert seen == sorted(seen, key=lambda j: (idx[j], j))  # storage order: each chunk once
+    again = [j for j, *_ in store.iter_samples(idx)]  # every sample checked now: views, storage order
+    assert again == sorted(again, key=lambda j: (idx[j], j))
     assert list(store.iter_samples(np.array([], np.int64))) == []
     wrapped = Store.from_arrays(images, masks)
     assert [j for j, *_ in wrapped.iter_samples(idx)] == list(range(idx.size))

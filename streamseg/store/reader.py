@@ -320,15 +320,18 @@ class Store:
         """Yield ``(j, image, mask)`` for sample ``indices[j]``, every ``j`` once.
 
         Without copies where it can, in storage order: views into the memory map or into the
-        decoded chunk, valid until the next item, read-only (copy what you keep).  Reads that
-        are checked sample by sample (``verify_reads`` on memmap) and wrapped arrays go through
-        :meth:`read`, in request order.  Checks and errors as :meth:`read`.
+        decoded chunk, valid until the next item, read-only (copy what you keep).  Memmap
+        samples not checked yet (``verify_reads``: each is checked on its first read) and
+        wrapped arrays go through :meth:`read`, in request order.  Checks and errors as
+        :meth:`read`.
         """
         idx = _as_index_array(indices, len(self))
         verifier = self._verifier()
         if idx.size == 0:
             return
-        if self.backend == "arrays" or (self.backend == "memmap" and verifier is not None):
+        unchecked = self.backend == "memmap" and verifier is not None and any(
+            verifier.needs_check(name, f"{self.path}{os.sep}{name}.npy", idx) for name in ("images", "masks"))
+        if self.backend == "arrays" or unchecked:
             images, masks = self.read(idx)
             yield from ((j, images[j], masks[j]) for j in range(idx.size))
             return
