@@ -55,7 +55,8 @@ def _wait_for_holder(dst: Path, tries: int = 50, pause_s: float = 0.01) -> int |
     """PID of the process that holds ``dst``'s lock, waiting briefly for it to be written.
 
     The holder writes its PID just after it takes the lock, so a process refused in between
-    reads an empty file (or the PID of a killed earlier holder); waiting up to ``tries * pause_s`` seconds lets the message name it.
+    reads an empty file (or the PID of a killed earlier holder); waiting up to
+    ``tries * pause_s`` seconds lets the message name it.
     """
     import time
 

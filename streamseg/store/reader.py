@@ -48,6 +48,18 @@ _ZarrChunkReader = ZarrChunkReader  # the name the writer imports
 _GROUP_BYTES = 1 << 20  # memmap reads: samples are copied (and checked) this many bytes at a time
 
 
+def _chunk_runs(idx: np.ndarray, csize: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """``(k, pos, local)`` per chunk ``k`` holding samples of ``idx``, in chunk order: ``pos``,
+    the positions in ``idx`` of its samples (stable order), ``local`` their rows in the chunk."""
+    order = np.argsort(idx, kind="stable")
+    sorted_idx = idx[order]
+    chunk_of = sorted_idx // csize
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(chunk_of)) + 1, [idx.size]))
+    for a, b in zip(starts[:-1], starts[1:]):
+        k = int(chunk_of[a])
+        yield k, order[a:b], sorted_idx[a:b] - k * csize
+
+
 def _as_index_array(indices: Any, n: int) -> np.ndarray:
     idx = np.asarray(indices)
     if idx.ndim == 0:
@@ -332,26 +344,26 @@ class Store:
         unchecked = self.backend == "memmap" and verifier is not None and any(
             verifier.needs_check(name, f"{self.path}{os.sep}{name}.npy", idx) for name in ("images", "masks"))
         if self.backend == "arrays" or unchecked:
-            images, masks = self.read(idx)
-            yield from ((j, images[j], masks[j]) for j in range(idx.size))
+            yield from self._iter_copies(idx)
             return
-        order = np.argsort(idx, kind="stable")
-        sorted_idx = idx[order]
         if self.backend == "memmap":
             src_i, src_m = self._array("images"), self._array("masks")
-            for i, j in zip(sorted_idx.tolist(), order.tolist()):
+            order = np.argsort(idx, kind="stable")
+            for i, j in zip(idx[order].tolist(), order.tolist()):
                 yield j, src_i[i], src_m[i]
             return
         check = verifier.check_chunk_file if verifier is not None else None
-        csize, (h, w, c) = self.chunk_samples, self.image_shape
-        chunk_of = sorted_idx // csize
-        starts = np.concatenate(([0], np.flatnonzero(np.diff(chunk_of)) + 1, [idx.size]))
-        for a, b in zip(starts[:-1], starts[1:]):
-            k = int(chunk_of[a])
+        h, w, c = self.image_shape
+        for k, pos, local in _chunk_runs(idx, self.chunk_samples):
             ci = self.chunk_reader("images").read_chunk(k, reuse=True, check=check)
             cm = self.chunk_reader("masks").read_chunk(k, reuse=True, check=check)
-            for j, q in zip(order[a:b].tolist(), (sorted_idx[a:b] - k * csize).tolist()):
+            for j, q in zip(pos.tolist(), local.tolist()):
                 yield j, ci[q].reshape(h, w, c), cm[q].reshape(h, w, 1)
+
+    def _iter_copies(self, indices: Sequence[int] | np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """:meth:`iter_samples` through one :meth:`read` of the batch, in request order."""
+        images, masks = self.read(indices)
+        yield from ((j, images[j], masks[j]) for j in range(len(images)))
 
     def _read_checked(self, idx: np.ndarray, images: np.ndarray, masks: np.ndarray) -> None:
         if idx.size == 0:
@@ -380,15 +392,8 @@ class Store:
                     out[order[a : a + step]] = part
             return
         check = verifier.check_chunk_file if verifier is not None else None
-        csize = self.chunk_samples
-        order = np.argsort(idx, kind="stable")
-        sorted_idx = idx[order]
-        chunk_of = sorted_idx // csize
-        starts = np.concatenate(([0], np.flatnonzero(np.diff(chunk_of)) + 1, [idx.size]))
-        for a, b in zip(starts[:-1], starts[1:]):
-            k = int(chunk_of[a])
-            pos, local = order[a:b], sorted_idx[a:b] - k * csize
-            run = b - a
+        for k, pos, local in _chunk_runs(idx, self.chunk_samples):
+            run = pos.size
             contiguous = (pos[-1] - pos[0] == run - 1 and local[-1] - local[0] == run - 1
                           and (run == 1 or (np.all(np.diff(pos) == 1) and np.all(np.diff(local) == 1))))
             for name, out in (("images", images), ("masks", masks)):

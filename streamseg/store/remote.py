@@ -256,8 +256,7 @@ class RemoteStore(Store):
 
     def iter_samples(self, indices: Any) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """As :meth:`Store.iter_samples`, through :meth:`read` (chunks fetched into the mirror first)."""
-        images, masks = self.read(indices)
-        yield from ((j, images[j], masks[j]) for j in range(len(images)))
+        return self._iter_copies(indices)
 
     def _read_checked(self, idx: np.ndarray, images: np.ndarray, masks: np.ndarray) -> None:
         if idx.size == 0:
