@@ -361,6 +361,22 @@ def test_opencv_runs_sequentially_only_in_worker_processes_that_fill_the_cores()
         assert sequential(workers=cores - 1, use_multiprocessing=True) is False
 
 
+def test_worker_processes_that_fill_the_cores_yield_between_samples():
+    from streamseg.parallel.workers import usable_cores
+
+    store = Store.from_arrays(np.zeros((4, 8, 8, 1), np.uint8), np.zeros((4, 8, 8), np.uint8))
+    cores = usable_cores()
+
+    def yields(**kw):
+        return SegmentationDataset(store, 2, **kw)._feeder.producer.yield_between_samples
+
+    assert yields(workers=cores, use_multiprocessing=True) is True
+    assert yields(workers=cores, use_multiprocessing=False) is False  # threads: the GIL decides
+    assert yields(workers=0) is False
+    if cores > 1:  # a core is left for the training loop
+        assert yields(workers=cores - 1, use_multiprocessing=True) is False
+
+
 def test_worker_priority_is_validated():
     store = Store.from_arrays(np.zeros((4, 8, 8, 1), np.uint8), np.zeros((4, 8, 8), np.uint8))
     with pytest.raises(OptionError, match="one of normal, low, idle. Received: worker_priority='lowest'"):

@@ -3,6 +3,7 @@ epoch end that does not wait for the next epoch's first batch."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -332,3 +333,48 @@ def test_streamed_batches_equal_batches_made_from_a_read_copy(arrays_store, pres
         np.testing.assert_array_equal(xa, xb)
         np.testing.assert_array_equal(ya, yb)
         assert np.isfinite(xa).all() and xa.std() > 0
+
+
+@pytest.mark.parametrize("path", ["streamed", "copy", "normalize_first"])
+def test_producer_yields_after_every_sample_only_once_set_up_in_a_worker(arrays_store, path, monkeypatch):
+    """With ``yield_between_samples`` a worker offers its core after every sample (one
+    ``os.sched_yield`` per sample, on each per-sample path) once ``setup_process`` has run in it;
+    not before (the main process never runs it), and the batches are the same bit for bit."""
+    import dataclasses
+
+    from streamseg.pipeline.batches import BatchProducer
+
+    store, _, _ = arrays_store
+    calls = []
+    monkeypatch.setattr(os, "sched_yield", lambda: calls.append(1), raising=False)
+
+    class CopyOnly:  # no iter_samples: the read-then-augment path
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            if name == "iter_samples":
+                raise AttributeError(name)
+            return getattr(self.inner, name)
+
+    ds = SegmentationDataset(store, 7, augment="standard", seed=3, workers=0, num_classes=5)
+    options = dataclasses.replace(ds.options, normalize_first=True) if path == "normalize_first" else ds.options
+    source = CopyOnly(store) if path == "copy" else store
+    idx = ds.batch_indices(1, 0)
+    (ishape, idt), (mshape, mdt) = options.image_spec(7, 16, 20, 3), options.mask_spec(7, 16, 20)
+
+    def batch(producer):
+        out = {"images": np.zeros(ishape, idt), "masks": np.zeros(mshape, mdt)}
+        n = producer.produce((0, idx), out)
+        return out["images"][:n], out["masks"][:n]
+
+    plain = batch(BatchProducer(source, options))
+    yielding = BatchProducer(source, options, yield_between_samples=True)
+    before_setup = batch(yielding)
+    assert calls == []  # not set up in a worker process: no yield
+    yielding.setup_process()
+    got = batch(yielding)
+    assert len(calls) == idx.size
+    for a, b, c in zip(plain, before_setup, got, strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)

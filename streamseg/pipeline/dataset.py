@@ -293,8 +293,9 @@ class SegmentationDataset(HandoverMixin, PyDataset, KerasAdapterMixin, ResumeMix
             self.options.cache_chunks = -(-self.window_samples // self.store.chunk_samples) + 2
             affinity = functools.partial(window_group, batch_size=b, batch_ids=self._batch_ids,
                                          window_samples=self.window_samples)
-        producer = BatchProducer(self.store, self.options,
-                                 sequential_opencv=bool(mp_flag) and int(workers) >= usable_cores())
+        fills_cores = bool(mp_flag) and int(workers) >= usable_cores()
+        producer = BatchProducer(self.store, self.options, sequential_opencv=fills_cores,
+                                 yield_between_samples=fills_cores)
         self._feeder = Feeder(producer, slots, workers=int(workers),
                               use_multiprocessing=bool(mp_flag), max_queue_size=int(queue),
                               start_method=o["start_method"], keep_alive=float(o["keep_alive"]),
