@@ -255,3 +255,29 @@ def test_normalizer_matches_the_patches(blobs: Path) -> None:
         if all(c >= 0 for c in info["corner"]) and all(c + p <= n for c, p, n in zip(info["corner"], (16, 16, 8), SHAPE)):
             box = whole[lo[0]:lo[0] + 16, lo[1]:lo[1] + 16, lo[2]:lo[2] + 8]
             np.testing.assert_allclose(x[0], box, rtol=1e-6, atol=1e-6)
+
+
+def test_patch_workers_that_fill_the_cores_yield_after_every_patch(blobs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As for 2D batches: worker processes that fill the cores offer their core after every
+    patch once set up in a worker; same patches bit for bit."""
+    import os
+
+    from streamseg.parallel.workers import usable_cores
+
+    cores = usable_cores()
+    assert _ds(blobs, workers=cores, use_multiprocessing=True)._feeder.producer.yield_between_samples is True
+    assert _ds(blobs, workers=cores, use_multiprocessing=False)._feeder.producer.yield_between_samples is False
+    if cores > 1:
+        assert _ds(blobs, workers=cores - 1, use_multiprocessing=True)._feeder.producer.yield_between_samples is False
+    calls: list[int] = []
+    monkeypatch.setattr(os, "sched_yield", lambda: calls.append(1), raising=False)
+    aug = {"hflip": 0.5, "rotate": 10.0}
+    ds = _ds(blobs, augment=aug)
+    want = ds[1]
+    producer = _ds(blobs, augment=aug, workers=cores, use_multiprocessing=True)._feeder.producer
+    producer.setup_process()
+    slots = {"images": np.zeros_like(want[0]), "masks": np.zeros_like(want[1])}
+    n = producer.produce(ds._task(ds._epoch, 1)[1], slots)
+    assert len(calls) == n == want[0].shape[0]
+    np.testing.assert_array_equal(slots["images"][:n], want[0])
+    np.testing.assert_array_equal(slots["masks"][:n], want[1])

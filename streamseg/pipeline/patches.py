@@ -26,6 +26,7 @@ from numpy.typing import ArrayLike
 
 from ..errors import LabelError, OptionError, reject_unknown_keywords, truncate
 from ..parallel.feeder import Feeder
+from ..parallel.workers import usable_cores
 from ..store.volume_reader import VolumeStore
 from .augment import Augment
 from .batches import MASK_MODES, BatchOptions, BatchProducer, sample_rng, validate_choice
@@ -91,8 +92,9 @@ class PatchProducer(BatchProducer):
     """
 
     def __init__(self, store: VolumeStore, options: BatchOptions, patch_size: tuple[int, int, int],
-                 class_weights: dict[int, float] | None, pad_value: float) -> None:
-        super().__init__(store, options)  # type: ignore[arg-type]
+                 class_weights: dict[int, float] | None, pad_value: float,
+                 yield_between_samples: bool = False) -> None:
+        super().__init__(store, options, yield_between_samples=yield_between_samples)  # type: ignore[arg-type]
         self.patch_size = patch_size
         self.class_weights = class_weights
         self.pad_value = float(pad_value)
@@ -153,6 +155,7 @@ class PatchProducer(BatchProducer):
         aug = opts.augment
         n = len(positions)
         labels = np.empty((n, *self.patch_size), self.store.mask_dtype)
+        aside = self._aside  # os.sched_yield in workers that fill the cores (BatchProducer.setup_process)
         for j in range(n):
             image, mask, _ = self.patch(epoch, int(positions[j]), int(cases[j]), bool(forced[j]))
             if aug is not None:
@@ -163,6 +166,8 @@ class PatchProducer(BatchProducer):
                     np.clip(image, *opts.clip_out, out=image)
             out["images"][j] = image
             labels[j] = mask
+            if aside is not None:
+                aside()
         self._check_patch_labels(positions, cases, labels)
         self._encode_masks(labels[..., np.newaxis], out["masks"][:n])
         return n
@@ -348,7 +353,8 @@ class PatchDataset(SegmentationDataset):
         priority = self._worker_priority(o)
         slots = {"images": ((self.batch_size_value, *self.patch_size, self.store.channels), np.dtype(np.float32)),
                  "masks": self._mask_spec()}
-        producer = PatchProducer(self.store, self.options, self.patch_size, self.class_weights, self.pad_value)
+        producer = PatchProducer(self.store, self.options, self.patch_size, self.class_weights, self.pad_value,
+                                 yield_between_samples=bool(mp_flag) and int(workers) >= usable_cores())
         self._feeder = Feeder(producer, slots, workers=int(workers), use_multiprocessing=bool(mp_flag),
                               max_queue_size=int(queue), start_method=o["start_method"],
                               keep_alive=float(o["keep_alive"]), on_close=weakref.WeakMethod(self._forget_carry),
