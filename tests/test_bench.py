@@ -236,6 +236,22 @@ def test_timeline_stall_within_epochs_leaves_the_epoch_boundaries_out(timeline):
         (8 * 0.001 + 1.2 - 0.005) / res["wall_s"])
 
 
+def test_timeline_floor_of_several_runs_is_their_median_gap_and_smallest_boundary(timeline):
+    """Three cached-loop runs with median gaps 1.2, 1.9 and 1.8 ms: the loop's own time per gap
+    is 1.8 ms (not the fast outlier), the boundary allowance the smallest of all runs' edges;
+    one run is used as it is."""
+    runs = [{"gap_ms_median": g, "epoch_edge_gaps_ms": e, "wall_s": w, "main_cpu_ms_per_step": c, "steal_share": 0.0}
+            for g, e, w, c in [(1.2, [4.0, 9.0], 3.0, 1.6), (1.9, [5.0], 3.2, 2.3), (1.8, [3.5, 6.0], 3.1, 2.0)]]
+    floor = timeline.combine_floors(runs)
+    assert floor["gap_ms_median"] == pytest.approx(1.8)
+    assert sorted(floor["epoch_edge_gaps_ms"]) == [3.5, 4.0, 5.0, 6.0, 9.0]
+    assert floor["wall_s"] == pytest.approx(3.1) and floor["main_cpu_ms_per_step"] == pytest.approx(2.0)
+    assert timeline.combine_floors(runs[:1]) is runs[0]
+    steps = [(0.01 * k + 0.003 * k, 0.01 * k + 0.003 * k + 0.01) for k in range(6)]  # 3 ms gaps, one epoch
+    res = timeline.analyse({"steps": steps, "batches_per_epoch": 6, "busy": {}}, 0)
+    assert timeline.stall_within_epochs(res, floor) == pytest.approx(5 * 0.0012 / res["wall_s"])
+
+
 def test_pagecache_warm_and_evict_cover_every_file_of_a_store(tmp_path, monkeypatch):
     """benchmarks/pagecache.py (compare.py warms each run's store with it): every file under a
     folder is read once, nested folders included, and evict touches the same bytes."""
