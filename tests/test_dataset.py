@@ -345,36 +345,25 @@ def test_worker_priority_lowers_the_workers_only(labelled_store, priority):
         np.testing.assert_array_equal(rm, bm)
 
 
-def test_opencv_runs_sequentially_only_in_worker_processes_that_fill_the_cores():
+def test_only_worker_processes_that_fill_the_cores_run_opencv_sequentially_and_yield():
+    """Both follow one condition: worker processes (not threads, which share the caller's
+    process) at least as many as the cores; with fewer, OpenCV's own threads and the training
+    loop use the rest."""
     from streamseg.parallel.workers import usable_cores
 
     store = Store.from_arrays(np.zeros((4, 8, 8, 1), np.uint8), np.zeros((4, 8, 8), np.uint8))
     cores = usable_cores()
 
-    def sequential(**kw):
-        return SegmentationDataset(store, 2, **kw)._feeder.producer.sequential_opencv
+    def flags(**kw):
+        producer = SegmentationDataset(store, 2, **kw)._feeder.producer
+        return producer.sequential_opencv, producer.yield_between_samples
 
-    assert sequential(workers=cores, use_multiprocessing=True) is True
-    assert sequential(workers=cores + 1, use_multiprocessing=True) is True
-    assert sequential(workers=cores, use_multiprocessing=False) is False  # threads share the caller's process
-    if cores > 1:  # fewer workers than cores: OpenCV's own threads use the rest
-        assert sequential(workers=cores - 1, use_multiprocessing=True) is False
-
-
-def test_worker_processes_that_fill_the_cores_yield_between_samples():
-    from streamseg.parallel.workers import usable_cores
-
-    store = Store.from_arrays(np.zeros((4, 8, 8, 1), np.uint8), np.zeros((4, 8, 8), np.uint8))
-    cores = usable_cores()
-
-    def yields(**kw):
-        return SegmentationDataset(store, 2, **kw)._feeder.producer.yield_between_samples
-
-    assert yields(workers=cores, use_multiprocessing=True) is True
-    assert yields(workers=cores, use_multiprocessing=False) is False  # threads: the GIL decides
-    assert yields(workers=0) is False
-    if cores > 1:  # a core is left for the training loop
-        assert yields(workers=cores - 1, use_multiprocessing=True) is False
+    assert flags(workers=cores, use_multiprocessing=True) == (True, True)
+    assert flags(workers=cores + 1, use_multiprocessing=True) == (True, True)
+    assert flags(workers=cores, use_multiprocessing=False) == (False, False)
+    assert flags(workers=0) == (False, False)
+    if cores > 1:
+        assert flags(workers=cores - 1, use_multiprocessing=True) == (False, False)
 
 
 def test_worker_priority_is_validated():

@@ -298,6 +298,19 @@ def test_iter_samples_yields_every_requested_sample_once_as_read_does(arrays_sto
     assert [j for j, *_ in wrapped.iter_samples(idx)] == list(range(idx.size))
 
 
+class _CopyOnly:
+    """A store with its read and nothing else (no ``iter_samples``): the producer's
+    read-then-augment path."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        if name == "iter_samples":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
 @pytest.mark.parametrize("preset, dtype", [("standard", "float32"), ("heavy", "float32"), ("light", "uint8")])
 def test_streamed_batches_equal_batches_made_from_a_read_copy(arrays_store, preset, dtype):
     """The fused path reading straight from the store (iter_samples) makes the same batches,
@@ -306,18 +319,9 @@ def test_streamed_batches_equal_batches_made_from_a_read_copy(arrays_store, pres
 
     store, _, _ = arrays_store
 
-    class CopyOnly:  # the store's read, nothing else: the producer's read-then-augment path
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __getattr__(self, name):
-            if name == "iter_samples":
-                raise AttributeError(name)
-            return getattr(self.inner, name)
-
     ds = SegmentationDataset(store, 7, augment=preset, seed=3, workers=0, num_classes=5, dtype=dtype)
     outs = []
-    for s in (store, CopyOnly(store)):
+    for s in (store, _CopyOnly(store)):
         producer = BatchProducer(s, ds.options)
         got = []
         for epoch in (0, 1):
@@ -348,18 +352,9 @@ def test_producer_yields_after_every_sample_only_once_set_up_in_a_worker(arrays_
     calls = []
     monkeypatch.setattr(os, "sched_yield", lambda: calls.append(1), raising=False)
 
-    class CopyOnly:  # no iter_samples: the read-then-augment path
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __getattr__(self, name):
-            if name == "iter_samples":
-                raise AttributeError(name)
-            return getattr(self.inner, name)
-
     ds = SegmentationDataset(store, 7, augment="standard", seed=3, workers=0, num_classes=5)
     options = dataclasses.replace(ds.options, normalize_first=True) if path == "normalize_first" else ds.options
-    source = CopyOnly(store) if path == "copy" else store
+    source = _CopyOnly(store) if path == "copy" else store
     idx = ds.batch_indices(1, 0)
     (ishape, idt), (mshape, mdt) = options.image_spec(7, 16, 20, 3), options.mask_spec(7, 16, 20)
 
