@@ -311,3 +311,39 @@ if __name__ == "__main__":
     parser.add_argument("--kill-after", type=int, default=None)
     args = parser.parse_args()
     run_training(args.out, args.backup, args.workers, args.kill_after)
+
+
+def test_fit_reuses_the_iterator_keras_makes_and_throws_away_at_each_epoch_end(monkeypatch):
+    """Keras 3 makes the next epoch's iterator at the end of every epoch, then another at the
+    start of the next; the dataset hands the unused one back: epochs + 1 iterators instead of
+    2 x epochs, and every epoch still reads its own order and augmentation."""
+    from tensorflow.python.data.ops import iterator_ops
+
+    made = []
+    original = iterator_ops.OwnedIterator.__init__
+
+    def counting(self, dataset=None, *args, **kwargs):
+        if dataset is not None:  # a new iterator over a dataset (tracing rebuilds others from components)
+            made.append(1)
+        original(self, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(iterator_ops.OwnedIterator, "__init__", counting)
+    ds = Recording(make_store(), BATCH, augment=AUG, seed=SEED, num_classes=CLASSES, workers=0)
+    tiny_model().fit(ds, epochs=3, verbose=0, callbacks=[labelling_callback(ds), ds.epoch_callback()])
+    assert [ds.served[e] for e in range(3)] == [reference(e) for e in range(3)]
+    assert len(made) == 3 + 1
+
+
+def test_epoch_dataset_hands_back_an_iterator_only_while_nothing_read_from_it():
+    ds = SegmentationDataset(make_store(), BATCH, seed=SEED, num_classes=CLASSES, workers=0)
+    tf_ds = ds.get_tf_dataset()
+    first = iter(tf_ds)
+    assert iter(tf_ds) is first  # made, never read: handed back
+    x, _ = next(first)
+    assert x.shape[0] == BATCH
+    second = iter(tf_ds)
+    assert second is not first  # the first has been read from
+    assert [tuple(b[0].shape) for b in second][-1][0] == BATCH and iter(tf_ds) is not second
+    plain = ds.to_tf_dataset()  # what users get stays a plain tf.data pipeline
+    assert type(plain).__name__ != "EpochDataset" and iter(plain) is not iter(plain)
+    assert len(list(plain.take(2).as_numpy_iterator())) == 2

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import sys
 import threading
 import time
@@ -104,10 +105,48 @@ class _TfCalls:
         return True
 
 
+@functools.lru_cache(maxsize=1)
+def _epoch_dataset_class() -> type:
+    """:class:`EpochDataset`, made once TensorFlow is imported (the module never imports it)."""
+    from tensorflow.python.data.ops import dataset_ops
+
+    class EpochDataset(dataset_ops.UnaryUnchangedStructureDataset):
+        """The tf.data dataset ``fit`` reads: the same elements, but ``iter()`` hands back the
+        iterator it made last time if nothing has read from it since.
+
+        Keras 3 (``EpochIterator._enumerate_iterator``, no ``steps_per_epoch``) makes the next
+        epoch's iterator at the end of an epoch, then throws it away unused and makes another
+        at the start of the next.  Making one costs 2.9-3.7 ms for this ``map(numpy_function)``
+        dataset (0.3-0.45 ms for ``from_tensors``), in the gap between two training steps
+        (RESULTS.md 13m).  "Nothing has read": no pass over the dataset started since
+        (``owner._tf_starts``, counted by ``_tf_next``), since an iterator's first element
+        starts one.  A real ``tf.distribute`` strategy makes its own iterators from the
+        dataset, not through this ``iter()``.
+        """
+
+        def __init__(self, inner: Any, owner: Any) -> None:
+            self._owner = weakref.ref(owner)
+            self._last: tuple[Any, int] | None = None  # (weakref to the iterator, passes started then)
+            super().__init__(inner, inner._variant_tensor)
+
+        def __iter__(self) -> Any:
+            owner = self._owner()
+            starts = owner._tf_starts if owner is not None else -1
+            if self._last is not None and self._last[1] == starts >= 0:
+                last = self._last[0]()
+                if last is not None:
+                    return last
+            iterator = super().__iter__()
+            self._last = (weakref.ref(iterator), starts)
+            return iterator
+
+    return EpochDataset
+
+
 class KerasAdapterMixin:
     """Data-adapter methods; the class using it provides ``store``, ``options``,
     ``batch_size_value``, ``indices``, ``drop_remainder``, ``__len__``, ``__iter__``,
-    ``_iterate(whole)``, ``_tf_lock``, ``_tf_pass`` and ``_tf_calls``."""
+    ``_iterate(whole)``, ``_tf_lock``, ``_tf_pass``, ``_tf_calls`` and ``_tf_starts``."""
 
     def element_spec(self) -> tuple[Any, Any]:
         """``tf.TensorSpec`` pair of one batch (batch dimension unknown)."""
@@ -134,6 +173,12 @@ class KerasAdapterMixin:
         return data_adapter_utils.get_torch_dataloader(iter(self))
 
     def get_tf_dataset(self) -> Any:
+        """The dataset ``fit`` reads: :meth:`to_tf_dataset`'s, whose ``iter()`` hands back an
+        iterator nothing has read from yet instead of making another (``EpochDataset``: Keras
+        makes one at the end of every epoch and throws it away)."""
+        return _epoch_dataset_class()(self._tf_dataset(), self)
+
+    def _tf_dataset(self) -> Any:
         """A ``tf.data.Dataset`` over one epoch per iteration (epoch taken when it starts).
 
         ``Dataset.range(len(self)).map(numpy_function)``: batch ``i`` of an iteration is the
@@ -199,6 +244,7 @@ class KerasAdapterMixin:
                                      "the dataset was closed, or the pass failed. Create a new iterator. "
                                      f"Received: batch {i} of {len(self)}")
             if i == 0:
+                self._tf_starts += 1  # an iterator has been read from (see EpochDataset)
                 if self._tf_pass is not None:
                     self._tf_pass.close()
                 self._tf_pass = self._iterate(whole=True)  # tf.data reads len(self) batches
@@ -214,7 +260,7 @@ class KerasAdapterMixin:
 
         Call :meth:`on_epoch_end` between passes to advance shuffling and augmentation.
         """
-        return self.get_tf_dataset()
+        return self._tf_dataset()
 
     @property
     def batch_size(self) -> int:

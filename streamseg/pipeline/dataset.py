@@ -196,6 +196,7 @@ class SegmentationDataset(HandoverMixin, PyDataset, KerasAdapterMixin, ResumeMix
         self._tf_pass: Any = None  # the pass over __iter__ that get_tf_dataset's iterator reads
         self._tf_lock = threading.Lock()
         self._tf_calls: Any = None  # tf.data's calls into _tf_batch, waited for at exit
+        self._tf_starts = 0  # tf.data passes started (batch 0 asked for): adapter.EpochDataset
 
     # ------------------------------------------------------------------ construction helpers
     def _init_order(self, o: dict[str, Any]) -> None:
