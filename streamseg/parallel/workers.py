@@ -43,6 +43,13 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
+def fill_the_cores(workers: int, processes: bool) -> bool:
+    """Whether ``workers`` worker processes (not threads, which share the caller's process) are
+    at least as many as the usable cores: then each runs OpenCV on its own thread and offers its
+    core to the training loop between samples (``BatchProducer.setup_process``)."""
+    return bool(processes) and int(workers) >= usable_cores()
+
+
 def check_priority(priority: Any, processes: bool) -> str:
     """Validate a worker priority for worker processes (``processes``) or threads/inline."""
     if priority not in PRIORITIES:
@@ -73,7 +80,8 @@ def _apply_priority(priority: str) -> None:
         print(f"streamseg worker {os.getpid()}: could not set worker_priority={priority!r} "
               f"({type(exc).__name__}: {exc}); running at normal priority", file=sys.stderr)
 
-__all__ = ["Fields", "ProcessBackend", "ThreadBackend", "layout_slots", "pick_worker", "usable_cores"]
+__all__ = ["Fields", "ProcessBackend", "ThreadBackend", "fill_the_cores", "layout_slots", "pick_worker",
+           "usable_cores"]
 
 _GRACE = 1.0  # seconds close() gives busy workers before terminating them
 Fields = dict  # name -> (shape, dtype, byte offset inside a slot)

@@ -131,13 +131,13 @@ def _epoch_dataset_class() -> type:
 
         def __iter__(self) -> Any:
             owner = self._owner()
-            starts = owner._tf_starts if owner is not None else -1
-            if self._last is not None and self._last[1] == starts >= 0:
+            starts = owner._tf_starts if owner is not None else None
+            if self._last is not None and starts is not None and self._last[1] == starts:
                 last = self._last[0]()
-                if last is not None:
+                if last is not None:  # made, and no pass started since: never read from
                     return last
             iterator = super().__iter__()
-            self._last = (weakref.ref(iterator), starts)
+            self._last = None if starts is None else (weakref.ref(iterator), starts)
             return iterator
 
     return EpochDataset

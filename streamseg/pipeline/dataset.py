@@ -37,7 +37,7 @@ from .split import split
 from .transport import check_transport, normalization_layer
 from ..errors import LabelError, OptionError, StreamsegError, reject_unknown_keywords, truncate
 from ..parallel.feeder import Feeder
-from ..parallel.workers import check_priority, usable_cores
+from ..parallel.workers import check_priority, fill_the_cores
 from ..store.reader import Store, open_store
 
 try:  # Keras 3
@@ -294,7 +294,7 @@ class SegmentationDataset(HandoverMixin, PyDataset, KerasAdapterMixin, ResumeMix
             self.options.cache_chunks = -(-self.window_samples // self.store.chunk_samples) + 2
             affinity = functools.partial(window_group, batch_size=b, batch_ids=self._batch_ids,
                                          window_samples=self.window_samples)
-        fills_cores = bool(mp_flag) and int(workers) >= usable_cores()
+        fills_cores = fill_the_cores(workers, mp_flag)
         producer = BatchProducer(self.store, self.options, sequential_opencv=fills_cores,
                                  yield_between_samples=fills_cores)
         self._feeder = Feeder(producer, slots, workers=int(workers),

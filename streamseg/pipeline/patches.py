@@ -26,7 +26,7 @@ from numpy.typing import ArrayLike
 
 from ..errors import LabelError, OptionError, reject_unknown_keywords, truncate
 from ..parallel.feeder import Feeder
-from ..parallel.workers import usable_cores
+from ..parallel.workers import fill_the_cores
 from ..store.volume_reader import VolumeStore
 from .augment import Augment
 from .batches import MASK_MODES, BatchOptions, BatchProducer, sample_rng, validate_choice
@@ -354,7 +354,7 @@ class PatchDataset(SegmentationDataset):
         slots = {"images": ((self.batch_size_value, *self.patch_size, self.store.channels), np.dtype(np.float32)),
                  "masks": self._mask_spec()}
         producer = PatchProducer(self.store, self.options, self.patch_size, self.class_weights, self.pad_value,
-                                 yield_between_samples=bool(mp_flag) and int(workers) >= usable_cores())
+                                 yield_between_samples=fill_the_cores(workers, mp_flag))
         self._feeder = Feeder(producer, slots, workers=int(workers), use_multiprocessing=bool(mp_flag),
                               max_queue_size=int(queue), start_method=o["start_method"],
                               keep_alive=float(o["keep_alive"]), on_close=weakref.WeakMethod(self._forget_carry),
